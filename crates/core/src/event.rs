@@ -1,0 +1,107 @@
+//! The stored form of an event is its wire JSON, rendered once by the leader and then shared
+//! (as bytes) by the log, memory, every tail and the archive.
+
+use crate::time::Timestamp;
+
+/// Everything an event frame carries. Payload, metadata and refs are already-valid JSON text.
+#[derive(Debug, Clone, Copy)]
+pub struct EventFields<'a> {
+    pub seq: u64,
+    pub event_type: &'a str,
+    pub payload: &'a str,
+    pub actor: &'a str,
+    pub source: Option<&'a str>,
+    pub metadata: &'a str,
+    pub refs: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub inserted_at: Timestamp,
+}
+
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn push_optional_string(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_string(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Renders the event frame exactly as the contract shows it.
+pub fn render_event(f: &EventFields<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        160 + f.payload.len() + f.metadata.len() + f.refs.len() + f.event_type.len(),
+    );
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(f.seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"type\":");
+    push_json_string(&mut out, f.event_type);
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(f.payload.as_bytes());
+    out.extend_from_slice(b",\"actor\":");
+    push_json_string(&mut out, f.actor);
+    out.extend_from_slice(b",\"source\":");
+    push_optional_string(&mut out, f.source);
+    out.extend_from_slice(b",\"metadata\":");
+    out.extend_from_slice(f.metadata.as_bytes());
+    out.extend_from_slice(b",\"refs\":");
+    out.extend_from_slice(f.refs.as_bytes());
+    out.extend_from_slice(b",\"idempotency_key\":");
+    push_optional_string(&mut out, f.idempotency_key);
+    out.extend_from_slice(b",\"inserted_at\":\"");
+    out.extend_from_slice(f.inserted_at.to_string().as_bytes());
+    out.extend_from_slice(b"\"}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn renders_valid_json_with_every_field() {
+        let bytes = render_event(&EventFields {
+            seq: 42,
+            event_type: "state",
+            payload: r#"{"state": "running", "q":"\"quoted\" ✓"}"#,
+            actor: "agent:researcher",
+            source: Some("agent"),
+            metadata: "{}",
+            refs: r#"{"to_seq":41}"#,
+            idempotency_key: Some("run_123-step_8"),
+            inserted_at: Timestamp(1_770_562_801_123),
+        });
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.contains(r#""payload":{"state": "running", "q":"\"quoted\" ✓"}"#));
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["type"], "state");
+        assert_eq!(v["actor"], "agent:researcher");
+        assert_eq!(v["source"], "agent");
+        assert_eq!(v["refs"]["to_seq"], 41);
+        assert_eq!(v["idempotency_key"], "run_123-step_8");
+        assert_eq!(v["inserted_at"], "2026-02-08T15:00:01.123Z");
+    }
+
+    #[test]
+    fn absent_optionals_render_as_null() {
+        let bytes = render_event(&EventFields {
+            seq: 1,
+            event_type: "t\n\"x\"",
+            payload: "{}",
+            actor: "a",
+            source: None,
+            metadata: "{}",
+            refs: "{}",
+            idempotency_key: None,
+            inserted_at: Timestamp(0),
+        });
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["type"], "t\n\"x\"");
+        assert!(v["source"].is_null());
+        assert!(v["idempotency_key"].is_null());
+    }
+}

@@ -1,0 +1,260 @@
+//! Routes and handlers: thin adapters that parse at the boundary and call the node.
+
+use crate::config::ServeConfig;
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::tail;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::value::RawValue;
+use starcite_cluster::Node;
+use starcite_core::{AppendRequest, CreateRequest, SessionView};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+pub struct AppState {
+    /// Set once recovery finishes; until then the API answers `unavailable`.
+    pub node: OnceLock<Arc<Node>>,
+    pub config: ServeConfig,
+    pub metrics: Option<PrometheusHandle>,
+    /// Closed on shutdown so that tails end with close code 1001.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub fn node(&self) -> Result<&Arc<Node>, ApiError> {
+        self.node
+            .get()
+            .ok_or_else(|| ApiError::unavailable("the node is still starting up"))
+    }
+}
+
+pub fn router(state: SharedState) -> Router {
+    Router::new()
+        .route("/v1/sessions", post(create_session))
+        .route("/v1/sessions/{id}", get(get_session))
+        .route("/v1/sessions/{id}/append", post(append_event))
+        .route("/v1/sessions/{id}/tail", get(tail::tail))
+        .route("/v1/sessions/{id}/events", get(list_events))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(track_requests))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found_route()
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// Per-route request counts and latencies, labelled by the route template (never the raw
+/// path, which would give every session its own series).
+async fn track_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "method" => method.to_string(), "status" => status)
+        .increment(1);
+    metrics::histogram!(m::HTTP_LATENCY, "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Reads a body up to the configured limit.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    axum::body::to_bytes(body, limit as usize)
+        .await
+        .map_err(|_| ApiError::payload_too_large(limit))
+}
+
+/// A path id that breaks the id rules cannot name an existing session.
+pub(crate) fn path_session(id: &str) -> Result<&str, ApiError> {
+    starcite_core::SessionId::parse(id)
+        .map(|_| id)
+        .map_err(|_| ApiError::session_not_found(id))
+}
+
+fn session_json(view: &SessionView) -> serde_json::Value {
+    let metadata: Box<RawValue> = RawValue::from_string(view.metadata.clone())
+        .unwrap_or_else(|_| RawValue::from_string("{}".into()).expect("valid literal"));
+    serde_json::json!({
+        "id": view.id,
+        "title": view.title,
+        "metadata": metadata,
+        "last_seq": view.last_seq,
+        "created_at": view.created_at.to_string(),
+        "updated_at": view.updated_at.to_string(),
+    })
+}
+
+async fn create_session(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let node = state.node()?;
+    let body = read_body(&state, &headers, body).await?;
+    let req = CreateRequest::parse(&body)
+        .map_err(|e| ApiError::from_validation(e, "invalid_session"))?;
+    let view = node.create_session(req).await?;
+    Ok((StatusCode::CREATED, Json(session_json(&view))).into_response())
+}
+
+async fn append_event(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let node = state.node()?;
+    let body = read_body(&state, &headers, body).await?;
+    let session_id = path_session(&id)?;
+    let req =
+        AppendRequest::parse(&body).map_err(|e| ApiError::from_validation(e, "invalid_event"))?;
+    let payload_len = req.payload.len();
+    let outcome = node.append(session_id, req).await?;
+    if outcome.deduped {
+        metrics::counter!(m::APPEND_DEDUPED_TOTAL).increment(1);
+    } else {
+        metrics::counter!(m::APPEND_TOTAL).increment(1);
+        metrics::histogram!(m::PAYLOAD_BYTES).record(payload_len as f64);
+        metrics::histogram!(m::APPEND_LATENCY).record(started.elapsed().as_secs_f64());
+    }
+    let body = serde_json::json!({
+        "seq": outcome.seq,
+        "last_seq": outcome.last_seq,
+        "deduped": outcome.deduped,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn get_session(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let node = state.node()?;
+    let view = node.session(path_session(&id)?).await?;
+    Ok(Json(session_json(&view)).into_response())
+}
+
+/// `?cursor=N&limit=M` for the events page.
+fn parse_events_query(query: Option<&str>) -> Result<(u64, usize), ApiError> {
+    let cursor = tail::parse_cursor(query)?.unwrap_or(0);
+    let limit = match tail::query_param(query, "limit") {
+        None => 100,
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n) && raw.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_limit",
+                    "limit must be an integer from 1 to 1000",
+                )
+            })?,
+    };
+    Ok((cursor, limit))
+}
+
+async fn list_events(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let node = state.node()?;
+    let (cursor, limit) = parse_events_query(query.as_deref())?;
+    let session_id = path_session(&id)?;
+    // Subscribing waits until the session is durably known, like every other read.
+    node.subscribe(session_id).await?;
+    let events = node.read_events(session_id, cursor, limit)?;
+    let next_cursor = cursor + events.len() as u64;
+    let mut body = Vec::with_capacity(events.iter().map(|e| e.len() + 1).sum::<usize>() + 32);
+    body.extend_from_slice(b"{\"events\":[");
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(event);
+    }
+    body.extend_from_slice(format!("],\"next_cursor\":{next_cursor}}}").as_bytes());
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+async fn live() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn ready(State(state): State<SharedState>) -> Response {
+    match state.node.get() {
+        Some(node) if node.is_ready() && !*state.shutdown.borrow() => {
+            Json(serde_json::json!({"status": "ok"})).into_response()
+        }
+        Some(_) => ApiError::unavailable("the node cannot take writes").into_response(),
+        None => ApiError::unavailable("the node is still starting up").into_response(),
+    }
+}
+
+async fn metrics_text(State(state): State<SharedState>) -> Response {
+    if let Some(node) = state.node.get() {
+        m::record_node_stats(&node.stats());
+    }
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::unavailable("metrics are not enabled").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_query_rules() {
+        assert_eq!(parse_events_query(None).unwrap(), (0, 100));
+        assert_eq!(parse_events_query(Some("cursor=5&limit=1000")).unwrap(), (5, 1000));
+        for bad in ["limit=0", "limit=1001", "limit=x", "limit=", "limit=+5", "limit=-1"] {
+            assert_eq!(parse_events_query(Some(bad)).unwrap_err().code, "invalid_limit", "{bad}");
+        }
+        assert_eq!(
+            parse_events_query(Some("cursor=-1")).unwrap_err().code,
+            "invalid_cursor"
+        );
+    }
+}

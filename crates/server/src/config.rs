@@ -1,0 +1,177 @@
+//! `starcite serve` settings: every one an environment variable and a flag, validated once at
+//! start-up.
+
+use clap::Args;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// HTTP port.
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// Address the HTTP listener binds to (use 0.0.0.0 in containers).
+    #[arg(long, env = "STARCITE_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Directory for the log, snapshots and the embedded archive. Created if missing.
+    #[arg(long, env = "STARCITE_RAFT_DATA_DIR", default_value = "./starcite-data")]
+    pub data_dir: PathBuf,
+
+    /// This node's name in CLUSTER_NODES.
+    #[arg(long, env = "NODE_NAME", default_value = "n1")]
+    pub node_name: String,
+
+    /// Every node's internal address as name@host:port,… Unset (or naming only this node)
+    /// runs a single node. Multi-node clusters are not available in this build yet.
+    #[arg(long, env = "CLUSTER_NODES")]
+    pub cluster_nodes: Option<String>,
+
+    /// Number of groups sessions hash into. Fixed for the life of a data directory.
+    #[arg(long, env = "STARCITE_RAFT_GROUPS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub raft_groups: u32,
+
+    /// Postgres URL for the cold archive (also read from STARCITE_POSTGRES_URL). Unset: the
+    /// embedded archive in the data directory.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Archive flush cadence in milliseconds.
+    #[arg(long, env = "STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub archive_flush_interval_ms: u64,
+
+    /// Archived events kept hot (in memory) per session.
+    #[arg(long, env = "STARCITE_TAIL_KEEP", default_value_t = 1000)]
+    pub tail_keep: u64,
+
+    /// Postgres connection pool size.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
+
+    /// Largest accepted request body in bytes; bigger bodies get 413 payload_too_large.
+    #[arg(long, env = "STARCITE_MAX_BODY_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(64..=(256 * 1024 * 1024)))]
+    pub max_body_bytes: u64,
+
+    /// Number of most recent events per session whose idempotency keys are remembered.
+    #[arg(long, env = "STARCITE_IDEMPOTENCY_WINDOW", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idempotency_window: u64,
+
+    /// How long a request may wait (for a write slot, for durability) before 503 unavailable.
+    #[arg(long, env = "STARCITE_REQUEST_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
+
+    /// A tail whose socket accepts nothing for this long is closed with code 1013 (slow
+    /// consumer) and its last delivered seq.
+    #[arg(long, env = "STARCITE_TAIL_SEND_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tail_send_timeout_ms: u64,
+
+    /// Idle tails are pinged at this interval (milliseconds).
+    #[arg(long, env = "STARCITE_TAIL_PING_INTERVAL_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub tail_ping_interval_ms: u64,
+
+    /// Take a snapshot (and delete covered log segments) after this many log bytes.
+    #[arg(long, env = "STARCITE_SNAPSHOT_EVERY_BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub snapshot_every_bytes: u64,
+
+    /// Log segment size in bytes.
+    #[arg(long, env = "STARCITE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub segment_bytes: u64,
+
+    /// Log format: `text` (human-readable) or `json`.
+    #[arg(long, env = "STARCITE_LOG_FORMAT", default_value = "text",
+          value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl ServeConfig {
+    /// Checks that cannot be expressed as a single flag's parser. Returns a message for people.
+    pub fn validate(&mut self) -> Result<(), String> {
+        if self.database_url.is_none() {
+            self.database_url = std::env::var("STARCITE_POSTGRES_URL")
+                .ok()
+                .filter(|s| !s.is_empty());
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(format!(
+                    "DATABASE_URL must be a postgres:// or postgresql:// URL, got {url:?}"
+                ));
+            }
+        }
+        if self.node_name.is_empty() {
+            return Err("NODE_NAME must not be empty".into());
+        }
+        if let Some(nodes) = self.cluster_nodes.as_deref().filter(|s| !s.trim().is_empty()) {
+            let parsed = parse_cluster_nodes(nodes)?;
+            if !parsed.iter().any(|(name, _)| name == &self.node_name) {
+                return Err(format!(
+                    "NODE_NAME {:?} is not listed in CLUSTER_NODES {nodes:?}",
+                    self.node_name
+                ));
+            }
+            if parsed.len() > 1 {
+                return Err(format!(
+                    "CLUSTER_NODES lists {} nodes, but this build runs single-node only; \
+                     unset CLUSTER_NODES (or list just this node)",
+                    parsed.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// `name@host:port,…` → [(name, "host:port")].
+pub fn parse_cluster_nodes(raw: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, addr) = item
+            .split_once('@')
+            .ok_or_else(|| format!("CLUSTER_NODES entry {item:?} is not name@host:port"))?;
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| format!("CLUSTER_NODES entry {item:?} has no port"))?;
+        if name.is_empty() || host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("CLUSTER_NODES entry {item:?} is not name@host:port"));
+        }
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("CLUSTER_NODES names {name:?} twice"));
+        }
+        out.push((name.to_owned(), addr.to_owned()));
+    }
+    if out.is_empty() {
+        return Err("CLUSTER_NODES is empty".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cluster_nodes() {
+        let nodes = parse_cluster_nodes("n1@127.0.0.1:7101, n2@localhost:7102").unwrap();
+        assert_eq!(nodes[1], ("n2".into(), "localhost:7102".into()));
+        assert!(parse_cluster_nodes("n1").is_err());
+        assert!(parse_cluster_nodes("n1@host").is_err());
+        assert!(parse_cluster_nodes("n1@h:1,n1@h:2").is_err());
+        assert!(parse_cluster_nodes(" , ").is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! The `starcite` binary.
+
+mod app;
+mod config;
+mod error;
+mod metrics;
+mod tail;
+
+use clap::{Parser, Subcommand};
+use config::ServeConfig;
+use starcite_cluster::{Node, NodeConfig};
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Durable, low-latency session event storage for LLM applications.
+#[derive(Debug, Parser)]
+#[command(name = "starcite", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a Starcite node (single node with embedded storage by default).
+    Serve(ServeConfig),
+}
+
+/// Upper bound on a graceful shutdown; past it the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(config) => serve(config),
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(mut config: ServeConfig) -> ExitCode {
+    if let Err(message) = config.validate() {
+        eprintln!("starcite: invalid configuration: {message}");
+        return ExitCode::from(2);
+    }
+    init_logging(&config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("starcite: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("starcite: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: ServeConfig) -> Result<(), String> {
+    if config.database_url.is_some() {
+        tracing::warn!(
+            "DATABASE_URL is set, but this build has no cold archive yet: \
+             every event stays in the node's own log and memory"
+        );
+    }
+    let metrics = metrics::install().map_err(|e| format!("cannot set up metrics: {e}"))?;
+    let addr = std::net::SocketAddr::new(config.bind, config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let state = Arc::new(app::AppState {
+        node: OnceLock::new(),
+        config: config.clone(),
+        metrics: Some(metrics.clone()),
+        shutdown: shutdown_rx,
+    });
+
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            metrics.run_upkeep();
+        }
+    });
+
+    // Serve health checks while the log is recovered; the API answers 503 until then.
+    let router = app::router(state.clone());
+    let mut server_shutdown = state.shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = server_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), groups = config.raft_groups, "starcite listening");
+
+    let node_config = NodeConfig {
+        data_dir: config.data_dir.clone(),
+        groups: config.raft_groups,
+        idempotency_window: config.idempotency_window,
+        segment_bytes: config.segment_bytes,
+        snapshot_every_bytes: config.snapshot_every_bytes,
+        max_inflight_writes: 8192,
+        request_timeout: config.request_timeout(),
+    };
+    let node = tokio::task::spawn_blocking(move || Node::open(node_config))
+        .await
+        .map_err(|e| format!("recovery crashed: {e}"))?
+        .map_err(|e| format!("cannot open data directory: {e}"))?;
+    let _ = state.node.set(node.clone());
+    tracing::info!("ready");
+
+    let snapshots = spawn_snapshotter(node.clone());
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
+        Err(_) => tracing::warn!("connections still open after the grace period; closing them"),
+    }
+    upkeep.abort();
+    snapshots.stop();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+struct Snapshotter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Snapshotter {
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.handle.join();
+    }
+}
+
+/// Checks once a second whether enough log was written to take a snapshot.
+fn spawn_snapshotter(node: Arc<Node>) -> Snapshotter {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(250));
+            if let Err(e) = node.snapshot_if_due() {
+                tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds");
+            }
+        }
+    });
+    Snapshotter { stop, handle }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,320 @@
+//! `GET /v1/sessions/:id/tail`: replay from a cursor, then live, over WebSocket or SSE.
+//!
+//! Both transports run the same pull loop: read durable events with `seq > cursor` from the
+//! node, send them, advance the cursor, and when caught up wait for the session's durable seq
+//! to move. Replay and live are one code path, so a tail can neither skip nor repeat an
+//! event, and per-connection memory is one batch.
+
+use crate::app::{path_session, SharedState};
+use crate::error::ApiError;
+use crate::metrics as m;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use starcite_cluster::Node;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Events read from the node per step of the loop.
+const BATCH: usize = 256;
+/// After a slow consumer is cut off, how long we keep trying to hand it the close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(30);
+
+pub(crate) fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn parse_seq(raw: &str) -> Option<u64> {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    raw.parse().ok()
+}
+
+/// `cursor` if present: a non-negative integer, anything else is `invalid_cursor`.
+pub(crate) fn parse_cursor(query: Option<&str>) -> Result<Option<u64>, ApiError> {
+    match query_param(query, "cursor") {
+        None => Ok(None),
+        Some(raw) => parse_seq(raw).map(Some).ok_or_else(|| {
+            ApiError::invalid_cursor(format!("cursor must be a non-negative integer, got {raw:?}"))
+        }),
+    }
+}
+
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
+}
+
+pub async fn tail(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let node = state.node()?.clone();
+    let cursor = parse_cursor(query.as_deref())?;
+    let session_id = path_session(&id)?.to_owned();
+    let durable = node.subscribe(&session_id).await?;
+    match upgrade {
+        Ok(upgrade) => {
+            let cursor = cursor.unwrap_or(0);
+            let state = state.clone();
+            Ok(upgrade.on_upgrade(move |socket| async move {
+                metrics::gauge!(m::TAILS_ACTIVE).increment(1.0);
+                ws_tail(socket, state, node, session_id, cursor, durable).await;
+                metrics::gauge!(m::TAILS_ACTIVE).decrement(1.0);
+            }))
+        }
+        Err(_) if wants_sse(&headers) => {
+            let cursor = match cursor {
+                Some(c) => c,
+                None => match headers.get("last-event-id") {
+                    None => 0,
+                    Some(v) => v.to_str().ok().and_then(parse_seq).ok_or_else(|| {
+                        ApiError::invalid_cursor("Last-Event-ID must be a non-negative integer")
+                    })?,
+                },
+            };
+            Ok(sse_tail(state, node, session_id, cursor, durable))
+        }
+        Err(rejection) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_websocket_upgrade",
+            format!(
+                "tail needs a WebSocket upgrade (or Accept: text/event-stream): {rejection}"
+            ),
+        )),
+    }
+}
+
+enum WsEnd {
+    ClientGone,
+    SlowConsumer,
+    Shutdown,
+    Failed(String),
+}
+
+async fn ws_tail(
+    socket: WebSocket,
+    state: SharedState,
+    node: Arc<Node>,
+    session_id: String,
+    mut cursor: u64,
+    mut durable: watch::Receiver<u64>,
+) {
+    let send_timeout = Duration::from_millis(state.config.tail_send_timeout_ms);
+    let mut shutdown = state.shutdown.clone();
+    let (mut sink, mut inbound) = socket.split();
+    // Inbound frames are ignored; reading them keeps pings answered and notices a close.
+    let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = inbound.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+        let _ = gone_tx.send(());
+    });
+    let mut ping = tokio::time::interval(Duration::from_millis(state.config.tail_ping_interval_ms));
+    ping.reset();
+    let end = 'outer: loop {
+        loop {
+            if *shutdown.borrow() {
+                break 'outer WsEnd::Shutdown;
+            }
+            let batch = match node.read_events(&session_id, cursor, BATCH) {
+                Ok(batch) => batch,
+                Err(e) => break 'outer WsEnd::Failed(e.to_string()),
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len() as u64;
+            let send = async {
+                for event in batch {
+                    let text = Utf8Bytes::try_from(event).map_err(|e| e.to_string())?;
+                    sink.feed(Message::Text(text)).await.map_err(|e| e.to_string())?;
+                }
+                sink.flush().await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(send_timeout, send).await {
+                Ok(Ok(())) => {
+                    cursor += n;
+                    metrics::counter!(m::TAIL_EVENTS_SENT).increment(n);
+                    ping.reset();
+                }
+                Ok(Err(_)) => break 'outer WsEnd::ClientGone,
+                Err(_) => break 'outer WsEnd::SlowConsumer,
+            }
+        }
+        tokio::select! {
+            changed = durable.changed() => if changed.is_err() {
+                break WsEnd::Failed("session is no longer served by this node".into());
+            },
+            _ = &mut gone => break WsEnd::ClientGone,
+            _ = shutdown.changed() => {},
+            _ = ping.tick() => {
+                let ping = sink.send(Message::Ping(Bytes::from_static(b"starcite")));
+                match tokio::time::timeout(send_timeout, ping).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break WsEnd::ClientGone,
+                    Err(_) => break WsEnd::SlowConsumer,
+                }
+            }
+        }
+    };
+    let close = |code: u16, reason: String| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        }))
+    };
+    let frame = match end {
+        WsEnd::ClientGone => None,
+        WsEnd::SlowConsumer => {
+            metrics::counter!(m::TAIL_SLOW_CLOSED).increment(1);
+            Some(close(
+                1013,
+                format!("slow consumer; last delivered seq {cursor}"),
+            ))
+        }
+        WsEnd::Shutdown => Some(close(
+            1001,
+            format!("server shutting down; last delivered seq {cursor}"),
+        )),
+        WsEnd::Failed(reason) => {
+            tracing::warn!(session = %session_id, %reason, "tail ended");
+            let mut reason = format!("last delivered seq {cursor}; {reason}");
+            reason.truncate(120);
+            Some(close(1011, reason))
+        }
+    };
+    if let Some(frame) = frame {
+        // The close frame queues behind whatever the client has not read yet; give it a
+        // bounded time to get there, and add nothing more.
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            sink.send(frame).await?;
+            sink.close().await
+        })
+        .await;
+    }
+    reader.abort();
+}
+
+struct SseState {
+    node: Arc<Node>,
+    session_id: String,
+    cursor: u64,
+    durable: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+    buffered: VecDeque<Bytes>,
+    done: bool,
+}
+
+fn sse_tail(
+    state: SharedState,
+    node: Arc<Node>,
+    session_id: String,
+    cursor: u64,
+    durable: watch::Receiver<u64>,
+) -> Response {
+    let start = SseState {
+        node,
+        session_id,
+        cursor,
+        durable,
+        shutdown: state.shutdown.clone(),
+        buffered: VecDeque::new(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(start, |mut st| async move {
+        loop {
+            if st.done || *st.shutdown.borrow() {
+                return None;
+            }
+            if let Some(event) = st.buffered.pop_front() {
+                st.cursor += 1;
+                let data = String::from_utf8_lossy(&event).into_owned();
+                let sse = Event::default().id(st.cursor.to_string()).data(data);
+                metrics::counter!(m::TAIL_EVENTS_SENT).increment(1);
+                return Some((Ok::<Event, Infallible>(sse), st));
+            }
+            match st.node.read_events(&st.session_id, st.cursor, BATCH) {
+                Ok(batch) if !batch.is_empty() => st.buffered.extend(batch),
+                Ok(_) => {
+                    tokio::select! {
+                        changed = st.durable.changed() => if changed.is_err() { st.done = true },
+                        _ = st.shutdown.changed() => {},
+                    }
+                }
+                Err(e) => {
+                    st.done = true;
+                    let msg = serde_json::json!({"error": "unavailable", "message": e.to_string()});
+                    return Some((Ok(Event::default().event("error").data(msg.to_string())), st));
+                }
+            }
+        }
+    });
+    metrics::gauge!(m::TAILS_ACTIVE).increment(1.0);
+    let guard = TailGauge;
+    let stream = stream.map(move |item| {
+        let _ = &guard;
+        item
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive"))
+        .into_response()
+}
+
+/// Decrements the active-tail gauge when an SSE stream is dropped.
+struct TailGauge;
+
+impl Drop for TailGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(m::TAILS_ACTIVE).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_rules() {
+        assert_eq!(parse_cursor(None).unwrap(), None);
+        assert_eq!(parse_cursor(Some("cursor=0")).unwrap(), Some(0));
+        assert_eq!(parse_cursor(Some("a=1&cursor=42")).unwrap(), Some(42));
+        assert_eq!(
+            parse_cursor(Some("cursor=18446744073709551615")).unwrap(),
+            Some(u64::MAX)
+        );
+        for bad in [
+            "cursor=-1",
+            "cursor=abc",
+            "cursor=1.5",
+            "cursor=",
+            "cursor",
+            "cursor=+1",
+            "cursor=18446744073709551616",
+        ] {
+            assert_eq!(parse_cursor(Some(bad)).unwrap_err().code, "invalid_cursor", "{bad}");
+        }
+    }
+}

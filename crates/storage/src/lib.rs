@@ -1,0 +1,50 @@
+//! Node-wide durable storage: one write-ahead log shared by every group, written by a single
+//! thread that merges concurrent appends into one `fdatasync` (group commit), plus snapshot
+//! files that let old log segments be deleted.
+//!
+//! The log knows nothing about what its records mean: it stores opaque byte strings, frames
+//! them with a length and a CRC32C, and hands them back in order on recovery.
+
+mod frame;
+mod snapshot;
+mod wal;
+
+pub use frame::{decode_frames, encode_frame, FrameError, FRAME_HEADER_LEN};
+pub use snapshot::{load_latest_snapshot, write_snapshot, Snapshot};
+pub use wal::{Durable, Wal, WalOptions, WalStats};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt log segment {path} at byte {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("the log is unavailable after an earlier write failure; restart the node")]
+    Poisoned,
+    #[error("the log writer has stopped")]
+    Closed,
+}
+
+impl StorageError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StorageError {
+        let path = path.into();
+        move |source| StorageError::Io { path, source }
+    }
+}
+
+/// Makes a rename or a file creation in `dir` durable.
+pub(crate) fn sync_dir(dir: &std::path::Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(StorageError::io(dir))
+}

@@ -1,0 +1,487 @@
+//! The write-ahead log: numbered segment files `wal-<n>.log`, one writer thread, group commit.
+
+use crate::frame::{decode_frames, encode_frame, FrameError};
+use crate::{sync_dir, StorageError};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Called once a record (or barrier) is durable, or with the reason it never will be.
+/// Callbacks run on the writer thread in log order, so they must be quick.
+pub type Durable = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+type RollDone = Box<dyn FnOnce(Result<u64, StorageError>) + Send>;
+
+/// Most bytes merged into one write + fsync; bigger bursts are split into several batches.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started once it grows past this size.
+    pub segment_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct WalStats {
+    pub bytes_written: AtomicU64,
+    pub records_written: AtomicU64,
+    pub fsyncs: AtomicU64,
+}
+
+enum Msg {
+    Append(Vec<u8>, Durable),
+    Barrier(Durable),
+    Roll(RollDone),
+}
+
+pub struct Wal {
+    tx: mpsc::Sender<Msg>,
+    stats: Arc<WalStats>,
+    writer: Option<JoinHandle<()>>,
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("wal-{n:020}.log"))
+}
+
+/// Segment numbers present in `dir`, ascending.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, StorageError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(StorageError::io(dir))? {
+        let entry = entry.map_err(StorageError::io(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name
+            .strip_prefix("wal-")
+            .and_then(|r| r.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+impl Wal {
+    /// Opens the log in `opts.dir`, replaying every record of segments numbered
+    /// `from_segment` and above into `on_record`, in order. A torn tail at the end of the last
+    /// segment (a crash mid-write) is cut off; damage anywhere else is an error, because
+    /// serving from a log with a hole in it would serve wrong data.
+    pub fn open(
+        opts: WalOptions,
+        from_segment: u64,
+        mut on_record: impl FnMut(&[u8]),
+    ) -> Result<Wal, StorageError> {
+        std::fs::create_dir_all(&opts.dir).map_err(StorageError::io(&opts.dir))?;
+        let segments = list_segments(&opts.dir)?;
+        let live: Vec<u64> = segments
+            .iter()
+            .copied()
+            .filter(|&n| n >= from_segment)
+            .collect();
+        let mut buf = Vec::new();
+        for (i, &n) in live.iter().enumerate() {
+            let path = segment_path(&opts.dir, n);
+            buf.clear();
+            File::open(&path)
+                .and_then(|mut f| f.read_to_end(&mut buf))
+                .map_err(StorageError::io(&path))?;
+            match decode_frames(&buf, &mut on_record) {
+                Ok(_) => {}
+                Err((valid, err)) => {
+                    let is_last = i + 1 == live.len();
+                    let torn_tail = is_last && is_torn_tail(&buf[valid..], &err);
+                    if !torn_tail {
+                        let reason = match err {
+                            FrameError::Truncated { .. } => "truncated record".to_string(),
+                            FrameError::Corrupt { reason, .. } => reason,
+                        };
+                        return Err(StorageError::Corrupt {
+                            path,
+                            offset: valid as u64,
+                            reason,
+                        });
+                    }
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset = valid,
+                        dropped_bytes = buf.len() - valid,
+                        "truncating torn write at the end of the log"
+                    );
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(StorageError::io(&path))?;
+                    f.set_len(valid as u64)
+                        .and_then(|_| f.sync_all())
+                        .map_err(StorageError::io(&path))?;
+                }
+            }
+        }
+        let current = live.last().copied().unwrap_or(from_segment.max(1));
+        let path = segment_path(&opts.dir, current);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(StorageError::io(&path))?;
+        let size = file.metadata().map_err(StorageError::io(&path))?.len();
+        sync_dir(&opts.dir)?;
+
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(WalStats::default());
+        let mut writer = Writer {
+            dir: opts.dir.clone(),
+            segment_bytes: opts.segment_bytes.max(1),
+            file,
+            segment: current,
+            segment_size: size,
+            buf: Vec::with_capacity(1024 * 1024),
+            pending: Vec::new(),
+            poisoned: false,
+            stats: stats.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("starcite-wal".into())
+            .spawn(move || writer.run(rx))
+            .map_err(StorageError::io(&opts.dir))?;
+        Ok(Wal {
+            tx,
+            stats,
+            writer: Some(handle),
+        })
+    }
+
+    /// Queues `body` to be appended; `done` runs once it is fsync'd. Records are written in
+    /// the order of `append` calls.
+    pub fn append(&self, body: &[u8], done: Durable) {
+        let mut frame = Vec::with_capacity(body.len() + crate::FRAME_HEADER_LEN);
+        encode_frame(body, &mut frame);
+        if let Err(mpsc::SendError(Msg::Append(_, done))) = self.tx.send(Msg::Append(frame, done))
+        {
+            done(Err(StorageError::Closed));
+        }
+    }
+
+    /// `done` runs once everything appended before this call is durable.
+    pub fn barrier(&self, done: Durable) {
+        if let Err(mpsc::SendError(Msg::Barrier(done))) = self.tx.send(Msg::Barrier(done)) {
+            done(Err(StorageError::Closed));
+        }
+    }
+
+    /// Closes the current segment and starts a new one; `done` gets the new segment's number.
+    /// Every record appended before this call is in a lower-numbered segment.
+    pub fn roll(&self, done: impl FnOnce(Result<u64, StorageError>) + Send + 'static) {
+        if let Err(mpsc::SendError(Msg::Roll(done))) = self.tx.send(Msg::Roll(Box::new(done))) {
+            done(Err(StorageError::Closed));
+        }
+    }
+
+    /// Deletes segments numbered below `segment` (they are covered by a snapshot).
+    pub fn remove_segments_before(dir: &Path, segment: u64) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        for n in list_segments(dir)? {
+            if n < segment {
+                let path = segment_path(dir, n);
+                std::fs::remove_file(&path).map_err(StorageError::io(&path))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            sync_dir(dir)?;
+        }
+        Ok(removed)
+    }
+
+    pub fn stats(&self) -> &WalStats {
+        &self.stats
+    }
+
+    /// Stops the writer after everything queued so far is written.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(handle) = self.writer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A crash mid-write leaves a partial frame, or a frame whose bytes never all reached the
+/// disk, as the very last thing in the log. A bad frame followed by a valid one is not a
+/// torn write but damage in the middle.
+fn is_torn_tail(rest: &[u8], err: &FrameError) -> bool {
+    match err {
+        FrameError::Truncated { .. } => true,
+        FrameError::Corrupt { .. } => {
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let next = crate::FRAME_HEADER_LEN.saturating_add(len);
+            // If the corrupt frame's length would run past the end, it is the last write.
+            // Otherwise, something follows it: damage in the middle unless it is all zeroes
+            // (preallocated space the crash never filled).
+            next >= rest.len() || rest[next..].iter().all(|&b| b == 0)
+        }
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    segment_bytes: u64,
+    file: File,
+    segment: u64,
+    segment_size: u64,
+    buf: Vec<u8>,
+    pending: Vec<Durable>,
+    poisoned: bool,
+    stats: Arc<WalStats>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+        while let Ok(first) = rx.recv() {
+            self.handle(first);
+            // Group commit: everything that queued up while the last fsync ran goes into the
+            // next one.
+            while self.buf.len() < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(msg) => self.handle(msg),
+                    Err(_) => break,
+                }
+            }
+            self.flush();
+        }
+        self.flush();
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Append(frame, done) => {
+                if self.poisoned {
+                    done(Err(StorageError::Poisoned));
+                } else {
+                    self.buf.extend_from_slice(&frame);
+                    self.pending.push(done);
+                }
+            }
+            Msg::Barrier(done) => {
+                self.flush();
+                done(if self.poisoned {
+                    Err(StorageError::Poisoned)
+                } else {
+                    Ok(())
+                });
+            }
+            Msg::Roll(done) => {
+                self.flush();
+                done(self.roll());
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let result = self
+            .file
+            .write_all(&self.buf)
+            .and_then(|_| self.file.sync_data());
+        let callbacks = std::mem::take(&mut self.pending);
+        match result {
+            Ok(()) => {
+                let n = self.buf.len() as u64;
+                self.segment_size += n;
+                self.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
+                self.stats
+                    .records_written
+                    .fetch_add(callbacks.len() as u64, Ordering::Relaxed);
+                self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.buf.clear();
+                for done in callbacks {
+                    done(Ok(()));
+                }
+                if self.segment_size >= self.segment_bytes {
+                    if let Err(e) = self.roll() {
+                        tracing::error!(error = %e, "could not start a new log segment");
+                    }
+                }
+            }
+            Err(e) => {
+                // After a failed write or fsync the file's contents are unknown (fsyncgate):
+                // refuse all further writes rather than acknowledge anything more.
+                tracing::error!(error = %e, segment = self.segment, "log write failed; the log is now read-only");
+                self.poisoned = true;
+                self.buf.clear();
+                for done in callbacks {
+                    done(Err(StorageError::Poisoned));
+                }
+            }
+        }
+    }
+
+    fn roll(&mut self) -> Result<u64, StorageError> {
+        if self.poisoned {
+            return Err(StorageError::Poisoned);
+        }
+        let next = self.segment + 1;
+        let path = segment_path(&self.dir, next);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(StorageError::io(&path))?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.segment = next;
+        self.segment_size = 0;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    fn opts(dir: &Path) -> WalOptions {
+        WalOptions {
+            dir: dir.to_path_buf(),
+            segment_bytes: 1024,
+        }
+    }
+
+    fn append_sync(wal: &Wal, body: &[u8]) -> Result<(), StorageError> {
+        let (tx, rx) = channel();
+        wal.append(body, Box::new(move |r| drop(tx.send(r))));
+        rx.recv().expect("writer answered")
+    }
+
+    fn replay(dir: &Path, from: u64) -> Result<Vec<Vec<u8>>, StorageError> {
+        let mut seen = Vec::new();
+        let wal = Wal::open(opts(dir), from, |b| seen.push(b.to_vec()))?;
+        wal.close();
+        Ok(seen)
+    }
+
+    #[test]
+    fn records_survive_reopen_in_order_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let bodies: Vec<Vec<u8>> = (0..200).map(|i| format!("record-{i:04}").into_bytes()).collect();
+        for b in &bodies {
+            append_sync(&wal, b).unwrap();
+        }
+        assert!(wal.stats().fsyncs.load(Ordering::Relaxed) >= 1);
+        wal.close();
+        assert!(list_segments(dir.path()).unwrap().len() > 1, "segments rolled");
+        assert_eq!(replay(dir.path(), 0).unwrap(), bodies);
+    }
+
+    #[test]
+    fn concurrent_appends_share_fsyncs_and_complete_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Arc::new(Wal::open(opts(dir.path()), 0, |_| {}).unwrap());
+        let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (tx, rx) = channel();
+        for i in 0..500u32 {
+            let order = order.clone();
+            let tx = tx.clone();
+            wal.append(
+                &i.to_le_bytes(),
+                Box::new(move |r| {
+                    r.unwrap();
+                    order.lock().push(i);
+                    let _ = tx.send(());
+                }),
+            );
+        }
+        for _ in 0..500 {
+            rx.recv().unwrap();
+        }
+        assert_eq!(*order.lock(), (0..500).collect::<Vec<_>>());
+        assert!(wal.stats().fsyncs.load(Ordering::Relaxed) < 500, "group commit merged fsyncs");
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_appends_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        append_sync(&wal, b"one").unwrap();
+        append_sync(&wal, b"two").unwrap();
+        wal.close();
+        let seg = *list_segments(dir.path()).unwrap().last().unwrap();
+        let path = segment_path(dir.path(), seg);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap(); // half a header
+        drop(f);
+        assert_eq!(replay(dir.path(), 0).unwrap(), vec![b"one".to_vec(), b"two".to_vec()]);
+        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        append_sync(&wal, b"three").unwrap();
+        wal.close();
+        assert_eq!(replay(dir.path(), 0).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn corruption_in_the_middle_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        for b in [b"aaaa", b"bbbb", b"cccc"] {
+            append_sync(&wal, b).unwrap();
+        }
+        wal.close();
+        let seg = *list_segments(dir.path()).unwrap().last().unwrap();
+        let path = segment_path(dir.path(), seg);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[crate::FRAME_HEADER_LEN + 12 + 1] ^= 0x55; // inside the second record's body
+        std::fs::write(&path, &bytes).unwrap();
+        match replay(dir.path(), 0) {
+            Err(StorageError::Corrupt { offset, .. }) => assert_eq!(offset, 12),
+            other => panic!("expected corruption error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn roll_and_remove_old_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.segment_bytes = u64::MAX;
+        let wal = Wal::open(o.clone(), 0, |_| {}).unwrap();
+        append_sync(&wal, b"old").unwrap();
+        let (tx, rx) = channel();
+        wal.roll(move |r| drop(tx.send(r)));
+        let next = rx.recv().unwrap().unwrap();
+        append_sync(&wal, b"new").unwrap();
+        wal.close();
+        assert_eq!(Wal::remove_segments_before(dir.path(), next).unwrap(), 1);
+        assert_eq!(replay(dir.path(), next).unwrap(), vec![b"new".to_vec()]);
+    }
+
+    #[test]
+    fn barrier_waits_for_earlier_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let flag = Arc::new(AtomicU64::new(0));
+        let f = flag.clone();
+        wal.append(b"x", Box::new(move |_| f.store(1, Ordering::SeqCst)));
+        let (tx, rx) = channel();
+        let f = flag.clone();
+        wal.barrier(Box::new(move |r| drop(tx.send((r.is_ok(), f.load(Ordering::SeqCst))))));
+        assert_eq!(rx.recv().unwrap(), (true, 1));
+    }
+}
