@@ -1,6 +1,7 @@
 //! The `starcite` binary.
 
 mod app;
+mod cli;
 mod config;
 mod error;
 mod metrics;
@@ -25,6 +26,27 @@ struct Cli {
 enum Command {
     /// Run a Starcite node (single node with embedded storage by default).
     Serve(ServeConfig),
+    /// Create a session and print it as JSON.
+    Create {
+        #[command(flatten)]
+        client: cli::ClientOpts,
+        #[command(flatten)]
+        args: cli::CreateArgs,
+    },
+    /// Append one event to a session and print the ack as JSON.
+    Append {
+        #[command(flatten)]
+        client: cli::ClientOpts,
+        #[command(flatten)]
+        args: cli::AppendArgs,
+    },
+    /// Print a session's events as JSON lines (replay from --cursor, then follow live).
+    Tail {
+        #[command(flatten)]
+        client: cli::ClientOpts,
+        #[command(flatten)]
+        args: cli::TailArgs,
+    },
 }
 
 /// Upper bound on a graceful shutdown; past it the process exits anyway.
@@ -34,6 +56,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => serve(config),
+        Command::Create { client, args } => cli::create(client, args),
+        Command::Append { client, args } => cli::append(client, args),
+        Command::Tail { client, args } => cli::tail(client, args),
     }
 }
 
