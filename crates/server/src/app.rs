@@ -47,6 +47,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track_requests))
@@ -118,7 +119,15 @@ fn session_json(view: &SessionView) -> serde_json::Value {
     })
 }
 
-async fn create_session(
+#[utoipa::path(post, path = "/v1/sessions", tag = "sessions",
+    request_body = crate::openapi::CreateSessionBody,
+    responses(
+        (status = 201, description = "Created", body = crate::openapi::SessionBody),
+        (status = 400, description = "invalid_session or invalid_json", body = crate::openapi::ErrorBody),
+        (status = 409, description = "session_exists", body = crate::openapi::ErrorBody),
+        (status = 413, description = "payload_too_large", body = crate::openapi::ErrorBody),
+        (status = 503, description = "unavailable", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn create_session(
     State(state): State<SharedState>,
     headers: HeaderMap,
     body: Body,
@@ -131,7 +140,17 @@ async fn create_session(
     Ok((StatusCode::CREATED, Json(session_json(&view))).into_response())
 }
 
-async fn append_event(
+#[utoipa::path(post, path = "/v1/sessions/{id}/append", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    request_body = crate::openapi::AppendBody,
+    responses(
+        (status = 201, description = "Appended (or deduped); sent once durable", body = crate::openapi::AppendAck),
+        (status = 400, description = "invalid_event or invalid_json", body = crate::openapi::ErrorBody),
+        (status = 404, description = "session_not_found", body = crate::openapi::ErrorBody),
+        (status = 409, description = "expected_seq_conflict or idempotency_conflict", body = crate::openapi::ErrorBody),
+        (status = 413, description = "payload_too_large", body = crate::openapi::ErrorBody),
+        (status = 503, description = "unavailable; retry with the same idempotency key", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn append_event(
     State(state): State<SharedState>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -160,7 +179,12 @@ async fn append_event(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn get_session(
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session header", body = crate::openapi::SessionBody),
+        (status = 404, description = "session_not_found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn get_session(
     State(state): State<SharedState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -189,7 +213,16 @@ fn parse_events_query(query: Option<&str>) -> Result<(u64, usize), ApiError> {
     Ok((cursor, limit))
 }
 
-async fn list_events(
+#[utoipa::path(get, path = "/v1/sessions/{id}/events", tag = "sessions",
+    params(
+        ("id" = String, Path, description = "Session id"),
+        ("cursor" = Option<u64>, Query, description = "Return events with seq > cursor (default 0)"),
+        ("limit" = Option<u32>, Query, description = "1–1000, default 100")),
+    responses(
+        (status = 200, description = "A page of events", body = crate::openapi::EventsPage),
+        (status = 400, description = "invalid_cursor or invalid_limit", body = crate::openapi::ErrorBody),
+        (status = 404, description = "session_not_found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn list_events(
     State(state): State<SharedState>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
@@ -213,11 +246,17 @@ async fn list_events(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn live() -> Response {
+#[utoipa::path(get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "The process serves HTTP", body = crate::openapi::StatusBody)))]
+pub(crate) async fn live() -> Response {
     Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
-async fn ready(State(state): State<SharedState>) -> Response {
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "This node can take appends", body = crate::openapi::StatusBody),
+        (status = 503, description = "Starting, failed or shutting down", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn ready(State(state): State<SharedState>) -> Response {
     match state.node.get() {
         Some(node) if node.is_ready() && !*state.shutdown.borrow() => {
             Json(serde_json::json!({"status": "ok"})).into_response()
@@ -227,7 +266,9 @@ async fn ready(State(state): State<SharedState>) -> Response {
     }
 }
 
-async fn metrics_text(State(state): State<SharedState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+pub(crate) async fn metrics_text(State(state): State<SharedState>) -> Response {
     if let Some(node) = state.node.get() {
         m::record_node_stats(&node.stats());
     }
@@ -241,9 +282,75 @@ async fn metrics_text(State(state): State<SharedState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "This document", content_type = "application/json", body = Object)))]
+pub(crate) async fn openapi_json() -> Response {
+    Json(crate::openapi::document()).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
+
+    fn test_state() -> SharedState {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Args {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        Arc::new(AppState {
+            node: OnceLock::new(),
+            config: Args::parse_from(["starcite"]).serve,
+            metrics: None,
+            shutdown,
+        })
+    }
+
+    /// Every operation in the OpenAPI document is served by the router (a documented route
+    /// that does not exist answers 404 not_found or 405), and the document names every
+    /// contract route.
+    #[tokio::test]
+    async fn openapi_document_matches_the_router() {
+        let doc = serde_json::to_value(crate::openapi::document()).unwrap();
+        let paths = doc["paths"].as_object().expect("paths");
+        for required in [
+            "/v1/sessions",
+            "/v1/sessions/{id}",
+            "/v1/sessions/{id}/append",
+            "/v1/sessions/{id}/tail",
+            "/v1/sessions/{id}/events",
+            "/health/live",
+            "/health/ready",
+            "/metrics",
+            "/openapi.json",
+        ] {
+            assert!(paths.contains_key(required), "{required} missing from the document");
+        }
+        let mut operations = 0;
+        for (path, item) in paths {
+            for method in item.as_object().unwrap().keys() {
+                operations += 1;
+                let uri = path.replace("{id}", "some-session");
+                let req = Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&uri)
+                    .body(Body::empty())
+                    .unwrap();
+                let response = router(test_state()).oneshot(req).await.unwrap();
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+                let text = String::from_utf8_lossy(&body);
+                assert!(
+                    status != StatusCode::METHOD_NOT_ALLOWED && !text.contains("\"not_found\""),
+                    "{method} {path} is documented but not routed ({status} {text})"
+                );
+            }
+        }
+        assert_eq!(operations, 9);
+    }
 
     #[test]
     fn events_query_rules() {

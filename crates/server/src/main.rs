@@ -5,6 +5,7 @@ mod cli;
 mod config;
 mod error;
 mod metrics;
+mod openapi;
 mod tail;
 
 use clap::{Parser, Subcommand};

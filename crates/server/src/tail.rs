@@ -61,6 +61,18 @@ fn wants_sse(headers: &HeaderMap) -> bool {
         .any(|v| v.contains("text/event-stream"))
 }
 
+#[utoipa::path(get, path = "/v1/sessions/{id}/tail", tag = "sessions",
+    description = "Replay events with seq > cursor, then stream new events live. WebSocket: one event \
+        per text frame; slow consumers are closed with code 1013 and their last delivered seq. \
+        SSE (Accept: text/event-stream): one message per event, id = seq, resumes after Last-Event-ID.",
+    params(
+        ("id" = String, Path, description = "Session id"),
+        ("cursor" = Option<u64>, Query, description = "Deliver events with seq > cursor (default 0)")),
+    responses(
+        (status = 101, description = "WebSocket upgrade; frames carry events"),
+        (status = 200, description = "SSE stream of events", content_type = "text/event-stream", body = crate::openapi::EventBody),
+        (status = 400, description = "invalid_cursor or invalid_websocket_upgrade", body = crate::openapi::ErrorBody),
+        (status = 404, description = "session_not_found", body = crate::openapi::ErrorBody)))]
 pub async fn tail(
     State(state): State<SharedState>,
     Path(id): Path<String>,
