@@ -14,6 +14,9 @@ pub enum NodeError {
     IdempotencyConflict { key: String, seq: u64 },
     #[error("{0}")]
     Unavailable(String),
+    /// The requested events left memory after being archived; read them from the archive.
+    #[error("events below seq {first_hot} of session {session_id} are only in the archive")]
+    Trimmed { session_id: String, first_hot: u64 },
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
     #[error("{0}")]

@@ -11,4 +11,6 @@ mod node;
 mod recovery;
 
 pub use error::NodeError;
-pub use node::{AppendOutcome, Node, NodeConfig, NodeStats};
+pub use node::{
+    AppendOutcome, ArchiveBacklog, ArchiveLag, ArchiveRun, Node, NodeConfig, NodeStats,
+};

@@ -10,7 +10,7 @@ use starcite_core::{
     GroupState, SessionId, SessionView, Timestamp,
 };
 use starcite_storage::{write_snapshot, StorageError, Wal};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,6 +72,11 @@ struct GroupInner {
     durable: u64,
     /// Per session: the highest seq that is durable (what tails may see).
     visible: HashMap<String, watch::Sender<u64>>,
+    /// Sessions with durable events (or a header) the archive does not have yet.
+    unarchived: HashSet<String>,
+    /// Sessions whose header the archive may not have yet. Leader memory only: upserting a
+    /// header twice is harmless.
+    headers_unarchived: HashSet<String>,
 }
 
 struct Group {
@@ -178,6 +183,16 @@ impl Node {
                     .sessions()
                     .map(|s| (s.id.clone(), watch::Sender::new(s.last_seq)))
                     .collect();
+                let unarchived: HashSet<String> = state
+                    .sessions()
+                    .filter(|s| s.archived_seq < s.last_seq || s.archived_seq == 0)
+                    .map(|s| s.id.clone())
+                    .collect();
+                let headers_unarchived = state
+                    .sessions()
+                    .filter(|s| s.archived_seq == 0)
+                    .map(|s| s.id.clone())
+                    .collect();
                 Arc::new(Group {
                     index: i as u32,
                     inner: Mutex::new(GroupInner {
@@ -185,6 +200,8 @@ impl Node {
                         submitted: 0,
                         durable: 0,
                         visible,
+                        unarchived,
+                        headers_unarchived,
                     }),
                     durable: watch::Sender::new(0),
                 })
@@ -364,11 +381,10 @@ impl Node {
             .map(|tx| *tx.borrow())
             .unwrap_or(0);
         if durable > after && session.first_seq() > after + 1 {
-            return Err(NodeError::Unavailable(format!(
-                "events {}..{} of session {session_id} are no longer held by this node",
-                after + 1,
-                session.first_seq() - 1
-            )));
+            return Err(NodeError::Trimmed {
+                session_id: session_id.to_owned(),
+                first_hot: session.first_seq(),
+            });
         }
         Ok(session.events_between(after, durable, limit))
     }
@@ -398,6 +414,11 @@ impl Node {
         let lsn = inner.submitted;
         let record = encode_record(group.index, command);
         let session_id = command.session_id().to_owned();
+        let kind = match command {
+            Command::Create(_) => RecordKind::Create,
+            Command::Append(_) => RecordKind::Append,
+            Command::ArchiveAck(_) => RecordKind::ArchiveAck,
+        };
         let group = group.clone();
         let failed = self.failed.clone();
         self.wal.append(
@@ -409,6 +430,16 @@ impl Node {
                         inner.durable = lsn;
                         if let (Some(seq), Some(tx)) = (seq, inner.visible.get(&session_id)) {
                             tx.send_replace(seq);
+                        }
+                        match kind {
+                            RecordKind::Create => {
+                                inner.headers_unarchived.insert(session_id.clone());
+                                inner.unarchived.insert(session_id);
+                            }
+                            RecordKind::Append => {
+                                inner.unarchived.insert(session_id);
+                            }
+                            RecordKind::ArchiveAck => {}
                         }
                     }
                     group.durable.send_replace(lsn);
@@ -511,6 +542,158 @@ impl Node {
 
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RecordKind {
+    Create,
+    Append,
+    ArchiveAck,
+}
+
+/// Durable events the archive does not have yet, as contiguous runs per session.
+#[derive(Debug, Default)]
+pub struct ArchiveBacklog {
+    /// Sessions whose header must be upserted before their events.
+    pub sessions: Vec<SessionView>,
+    pub runs: Vec<ArchiveRun>,
+}
+
+impl ArchiveBacklog {
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.runs.is_empty()
+    }
+
+    pub fn event_count(&self) -> usize {
+        self.runs.iter().map(|r| r.events.len()).sum()
+    }
+}
+
+/// Events `first_seq ..= first_seq + events.len() - 1` of one session.
+#[derive(Debug)]
+pub struct ArchiveRun {
+    pub session_id: String,
+    pub first_seq: u64,
+    pub events: Vec<Bytes>,
+}
+
+impl ArchiveRun {
+    pub fn last_seq(&self) -> u64 {
+        self.first_seq + self.events.len() as u64 - 1
+    }
+}
+
+/// How far the archive is behind, for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ArchiveLag {
+    /// Durable events not yet archived.
+    pub pending_events: u64,
+    /// Sessions with anything not yet archived.
+    pub pending_sessions: u64,
+    /// Events held in memory (hot tier), archived or not.
+    pub hot_events: u64,
+}
+
+impl Node {
+    /// Collects up to `budget` durable, unarchived events (each session's run starts right
+    /// after its archive mark, so acknowledging a run never leaves a hole).
+    pub fn archive_backlog(&self, budget: usize) -> ArchiveBacklog {
+        let mut backlog = ArchiveBacklog::default();
+        let mut remaining = budget;
+        for group in &self.groups {
+            if remaining == 0 {
+                break;
+            }
+            let inner = group.inner.lock();
+            for session_id in &inner.unarchived {
+                if remaining == 0 {
+                    break;
+                }
+                let Some(session) = inner.state.session(session_id) else {
+                    continue;
+                };
+                if inner.headers_unarchived.contains(session_id) {
+                    backlog.sessions.push(session.view());
+                }
+                let durable = inner.visible.get(session_id).map(|tx| *tx.borrow()).unwrap_or(0);
+                if durable <= session.archived_seq {
+                    continue;
+                }
+                let events = session.events_between(session.archived_seq, durable, remaining);
+                if events.is_empty() {
+                    continue;
+                }
+                remaining -= events.len();
+                backlog.runs.push(ArchiveRun {
+                    session_id: session_id.clone(),
+                    first_seq: session.archived_seq + 1,
+                    events,
+                });
+            }
+        }
+        backlog
+    }
+
+    /// Records that the archive durably holds these session headers.
+    pub fn headers_archived(&self, sessions: &[SessionView]) {
+        for view in sessions {
+            let group = self.group(&view.id);
+            let mut inner = group.inner.lock();
+            inner.headers_unarchived.remove(&view.id);
+            let done = inner
+                .state
+                .session(&view.id)
+                .is_some_and(|s| s.archived_seq >= s.last_seq);
+            if done {
+                inner.unarchived.remove(&view.id);
+            }
+        }
+    }
+
+    /// Logs that events `1..=archived_seq` of the session are in the archive; memory then
+    /// keeps only the newest `keep_hot` of them. Returns how many events left memory.
+    pub async fn acknowledge_archived(
+        &self,
+        session_id: &str,
+        archived_seq: u64,
+        keep_hot: u64,
+    ) -> Result<u64, NodeError> {
+        let group = self.group(session_id);
+        let (lsn, trimmed) = {
+            let mut inner = group.inner.lock();
+            let command = Command::ArchiveAck(starcite_core::ArchiveAckCommand {
+                session_id: session_id.to_owned(),
+                archived_seq,
+                keep_hot,
+            });
+            let trimmed = match inner.state.apply(&command) {
+                Applied::Archived { trimmed } => trimmed,
+                _ => return Ok(0),
+            };
+            let fully_archived = inner.state.session(session_id).is_some_and(|s| {
+                s.archived_seq >= s.last_seq
+            }) && !inner.headers_unarchived.contains(session_id);
+            if fully_archived {
+                inner.unarchived.remove(session_id);
+            }
+            (self.submit(group, &mut inner, &command, None), trimmed)
+        };
+        self.wait_durable(group, lsn).await?;
+        Ok(trimmed)
+    }
+
+    pub fn archive_lag(&self) -> ArchiveLag {
+        let mut lag = ArchiveLag::default();
+        for group in &self.groups {
+            let inner = group.inner.lock();
+            lag.pending_sessions += inner.unarchived.len() as u64;
+            for session in inner.state.sessions() {
+                lag.pending_events += session.last_seq - session.archived_seq;
+                lag.hot_events += session.last_seq + 1 - session.first_seq();
+            }
+        }
+        lag
     }
 }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 pub enum Command {
     Create(CreateCommand),
     Append(AppendCommand),
+    ArchiveAck(ArchiveAckCommand),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,11 +33,22 @@ pub struct AppendCommand {
     pub event: Bytes,
 }
 
+/// Events `1..=archived_seq` of the session are in the cold archive. Replicas record it and
+/// drop from memory all but the newest `keep_hot` archived events. The leader puts its
+/// `keep_hot` setting in the command so that every replica trims identically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveAckCommand {
+    pub session_id: String,
+    pub archived_seq: u64,
+    pub keep_hot: u64,
+}
+
 impl Command {
     pub fn session_id(&self) -> &str {
         match self {
             Command::Create(c) => &c.id,
             Command::Append(a) => &a.session_id,
+            Command::ArchiveAck(a) => &a.session_id,
         }
     }
 }

@@ -11,7 +11,7 @@ pub mod state;
 pub mod time;
 pub mod validate;
 
-pub use command::{AppendCommand, Command, CreateCommand};
+pub use command::{AppendCommand, ArchiveAckCommand, Command, CreateCommand};
 pub use event::{render_event, EventFields};
 pub use hash::group_of;
 pub use ids::SessionId;

@@ -5,7 +5,7 @@
 //! command against the state, so replaying a log (or a replica applying it) always reaches the
 //! same state even if a command was decided against a view that later changed.
 
-use crate::command::{AppendCommand, Command, CreateCommand};
+use crate::command::{AppendCommand, ArchiveAckCommand, Command, CreateCommand};
 use crate::event::{render_event, EventFields};
 use crate::time::Timestamp;
 use crate::validate::{AppendRequest, CreateRequest};
@@ -25,6 +25,8 @@ pub struct Session {
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     pub last_seq: u64,
+    /// Events `1..=archived_seq` are in the cold archive (a contiguous prefix).
+    pub archived_seq: u64,
     /// Seq of `events[0]`; events below it are no longer held here.
     first_seq: u64,
     events: VecDeque<Bytes>,
@@ -53,6 +55,7 @@ impl Session {
             created_at: cmd.created_at,
             updated_at: cmd.created_at,
             last_seq: 0,
+            archived_seq: 0,
             first_seq: 1,
             events: VecDeque::new(),
             keys: HashMap::new(),
@@ -114,6 +117,8 @@ pub enum CreateDecision {
 pub enum Applied {
     Created,
     Appended { seq: u64 },
+    /// The archive mark advanced; `trimmed` events left memory.
+    Archived { trimmed: u64 },
     /// The command no longer fitted the state (duplicate create, stale seq, replayed key).
     Ignored,
 }
@@ -260,7 +265,25 @@ impl GroupState {
                 }
                 Applied::Appended { seq: a.seq }
             }
+            Command::ArchiveAck(ack) => self.apply_archive_ack(ack),
         }
+    }
+
+    fn apply_archive_ack(&mut self, ack: &ArchiveAckCommand) -> Applied {
+        let Some(session) = self.sessions.get_mut(&ack.session_id) else {
+            return Applied::Ignored;
+        };
+        if ack.archived_seq <= session.archived_seq || ack.archived_seq > session.last_seq {
+            return Applied::Ignored;
+        }
+        session.archived_seq = ack.archived_seq;
+        let keep_from = ack.archived_seq.saturating_sub(ack.keep_hot) + 1;
+        let mut trimmed = 0;
+        while session.first_seq < keep_from && session.events.pop_front().is_some() {
+            session.first_seq += 1;
+            trimmed += 1;
+        }
+        Applied::Archived { trimmed }
     }
 }
 
@@ -393,6 +416,40 @@ mod tests {
         let third: serde_json::Value =
             serde_json::from_slice(&session.events_between(2, 3, 1)[0]).unwrap();
         assert_eq!(third["seq"], 3);
+    }
+
+    #[test]
+    fn archive_ack_trims_but_keeps_keys_and_recent_events() {
+        let mut s = GroupState::new(100);
+        create(&mut s, "a");
+        for i in 0..10 {
+            append(&mut s, "a", &request("{}", Some(&format!("k{i}")), None));
+        }
+        let ack = |seq, keep| {
+            Command::ArchiveAck(ArchiveAckCommand {
+                session_id: "a".into(),
+                archived_seq: seq,
+                keep_hot: keep,
+            })
+        };
+        assert_eq!(s.apply(&ack(11, 2)), Applied::Ignored, "cannot archive past last_seq");
+        assert_eq!(s.apply(&ack(6, 2)), Applied::Archived { trimmed: 4 });
+        let session = s.session("a").unwrap();
+        assert_eq!(session.first_seq(), 5);
+        assert_eq!(session.archived_seq, 6);
+        assert_eq!(session.events_between(0, 10, 100).len(), 6);
+        assert_eq!(s.apply(&ack(6, 0)), Applied::Ignored, "not monotonic");
+        assert_eq!(s.apply(&ack(10, 0)), Applied::Archived { trimmed: 6 });
+        assert!(s.session("a").unwrap().events_between(0, 10, 100).is_empty());
+        // Idempotency keys outlive trimming.
+        assert!(matches!(
+            append(&mut s, "a", &request("{}", Some("k0"), None)),
+            AppendDecision::Deduped { seq: 1, .. }
+        ));
+        assert!(matches!(
+            append(&mut s, "a", &request("{}", None, None)),
+            AppendDecision::Accept(AppendCommand { seq: 11, .. })
+        ));
     }
 
     #[derive(Debug, Clone)]

@@ -70,7 +70,10 @@ impl From<NodeError> for ApiError {
             NodeError::SessionExists(_) => (StatusCode::CONFLICT, "session_exists"),
             NodeError::ExpectedSeqConflict { .. } => (StatusCode::CONFLICT, "expected_seq_conflict"),
             NodeError::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
-            NodeError::Unavailable(_) | NodeError::Storage(_) | NodeError::Startup(_) => {
+            NodeError::Unavailable(_)
+            | NodeError::Trimmed { .. }
+            | NodeError::Storage(_)
+            | NodeError::Startup(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
         };
