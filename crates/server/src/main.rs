@@ -15,6 +15,11 @@ use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+/// Every request allocates a handful of small buffers; glibc malloc showed up at ~20% of CPU
+/// under load, mimalloc's thread-local free lists make that nearly disappear.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Durable, low-latency session event storage for LLM applications.
 #[derive(Debug, Parser)]
 #[command(name = "starcite", version, about, long_about = None)]

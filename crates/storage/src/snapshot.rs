@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"STSNAP01";
+const SYNC_EVERY_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -55,9 +56,17 @@ pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), StorageErro
         encode_frame(group, &mut buf);
     }
     let mut file = std::fs::File::create(&tmp).map_err(StorageError::io(&tmp))?;
-    file.write_all(&buf)
-        .and_then(|_| file.sync_all())
-        .map_err(StorageError::io(&tmp))?;
+    // Written and synced in slices: one giant fsync at the end would queue the log's own
+    // small fsyncs behind hundreds of megabytes and stall every append meanwhile.
+    for (i, chunk) in buf.chunks(SYNC_EVERY_BYTES).enumerate() {
+        file.write_all(chunk)
+            .and_then(|_| file.sync_data())
+            .map_err(StorageError::io(&tmp))?;
+        if i % 4 == 3 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    file.sync_all().map_err(StorageError::io(&tmp))?;
     drop(file);
     std::fs::rename(&tmp, &path).map_err(StorageError::io(&path))?;
     sync_dir(dir)?;
