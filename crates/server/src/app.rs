@@ -25,6 +25,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Closed on shutdown so that tails end with close code 1001.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Upgraded WebSocket tails outlive their HTTP connection; shutdown waits for them here.
+    pub tails: crate::listener::ConnectionTracker,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -306,6 +308,7 @@ mod tests {
             config: Args::parse_from(["starcite"]).serve,
             metrics: None,
             shutdown,
+            tails: Default::default(),
         })
     }
 

@@ -89,6 +89,17 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u64).range(1024..))]
     pub segment_bytes: u64,
 
+    /// Most open client connections; beyond it new connections get an immediate 503 and are
+    /// closed.
+    #[arg(long, env = "STARCITE_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// A client must send a request's complete headers within this many milliseconds.
+    #[arg(long, env = "STARCITE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+
     /// Log format: `text` (human-readable) or `json`.
     #[arg(long, env = "STARCITE_LOG_FORMAT", default_value = "text",
           value_parser = ["text", "json"])]

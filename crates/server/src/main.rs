@@ -4,6 +4,7 @@ mod app;
 mod cli;
 mod config;
 mod error;
+mod listener;
 mod metrics;
 mod openapi;
 mod tail;
@@ -120,6 +121,7 @@ async fn run(config: ServeConfig) -> Result<(), String> {
         config: config.clone(),
         metrics: Some(metrics.clone()),
         shutdown: shutdown_rx,
+        tails: Default::default(),
     });
 
     let upkeep = tokio::spawn(async move {
@@ -132,14 +134,18 @@ async fn run(config: ServeConfig) -> Result<(), String> {
 
     // Serve health checks while the log is recovered; the API answers 503 until then.
     let router = app::router(state.clone());
-    let mut server_shutdown = state.shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let limits = listener::Limits {
+        max_connections: config.max_connections as usize,
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+    };
+    let connections = listener::ConnectionTracker::default();
+    let server = tokio::spawn(listener::serve(
+        listener,
+        router,
+        limits,
+        state.shutdown.clone(),
+        connections.clone(),
+    ));
     tracing::info!(%addr, data_dir = %config.data_dir.display(), groups = config.raft_groups, "starcite listening");
 
     let node_config = NodeConfig {
@@ -163,11 +169,13 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     let _ = shutdown_tx.send(true);
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
-        Err(_) => tracing::warn!("connections still open after the grace period; closing them"),
+    let drained = async {
+        let _ = server.await;
+        connections.drained().await;
+        state.tails.drained().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        tracing::warn!("connections still open after the grace period; closing them");
     }
     upkeep.abort();
     snapshots.stop();

@@ -89,6 +89,7 @@ pub async fn tail(
             let cursor = cursor.unwrap_or(0);
             let state = state.clone();
             Ok(upgrade.on_upgrade(move |socket| async move {
+                let _tracked = state.tails.enter();
                 metrics::gauge!(m::TAILS_ACTIVE).increment(1.0);
                 ws_tail(socket, state, node, session_id, cursor, durable).await;
                 metrics::gauge!(m::TAILS_ACTIVE).decrement(1.0);
