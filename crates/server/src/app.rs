@@ -6,7 +6,7 @@ use crate::metrics as m;
 use crate::tail;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -39,8 +39,31 @@ impl AppState {
     }
 }
 
+/// CORS for browsers (EventSource, fetch) when `STARCITE_CORS_ORIGINS` is set.
+fn cors(origins: Option<&str>) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let origins = origins?.trim();
+    let allow = if origins == "*" {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .split(',')
+                .filter_map(|o| o.trim().parse::<axum::http::HeaderValue>().ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers(Any)
+            .expose_headers(Any),
+    )
+}
+
 pub fn router(state: SharedState) -> Router {
-    Router::new()
+    let cors = cors(state.config.cors_origins.as_deref());
+    let router = Router::new()
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}", get(get_session))
         .route("/v1/sessions/{id}/append", post(append_event))
@@ -53,7 +76,11 @@ pub fn router(state: SharedState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track_requests))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
 }
 
 async fn not_found() -> ApiError {

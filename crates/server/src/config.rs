@@ -100,6 +100,11 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_ms: u64,
 
+    /// Origins allowed to call the API from a browser (CORS), comma-separated, or `*`.
+    /// Unset: no CORS headers (same-origin and non-browser clients only).
+    #[arg(long, env = "STARCITE_CORS_ORIGINS")]
+    pub cors_origins: Option<String>,
+
     /// Log format: `text` (human-readable) or `json`.
     #[arg(long, env = "STARCITE_LOG_FORMAT", default_value = "text",
           value_parser = ["text", "json"])]
@@ -119,6 +124,17 @@ impl ServeConfig {
                 return Err(format!(
                     "DATABASE_URL must be a postgres:// or postgresql:// URL, got {url:?}"
                 ));
+            }
+        }
+        if let Some(origins) = &self.cors_origins {
+            for origin in origins.split(',').map(str::trim).filter(|o| *o != "*") {
+                if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                    || origin.parse::<axum::http::HeaderValue>().is_err()
+                {
+                    return Err(format!(
+                        "STARCITE_CORS_ORIGINS entry {origin:?} is not an origin like https://app.example.com"
+                    ));
+                }
             }
         }
         if self.node_name.is_empty() {
