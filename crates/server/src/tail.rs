@@ -25,6 +25,19 @@ use tokio::sync::watch;
 
 /// Events read from the node per step of the loop.
 const BATCH: usize = 256;
+/// Most bytes of events handed to one socket per step (at least one event).
+const BATCH_BYTES: usize = 1024 * 1024;
+
+/// The longest prefix of `batch` within [`BATCH_BYTES`], never empty if `batch` is not.
+fn take_within_bytes(batch: Vec<Bytes>) -> impl Iterator<Item = Bytes> {
+    let mut total = 0usize;
+    batch.into_iter().enumerate().take_while(move |(i, e)| {
+        total += e.len();
+        *i == 0 || total <= BATCH_BYTES
+    })
+    .map(|(_, e)| e)
+}
+
 /// After a slow consumer is cut off, how long we keep trying to hand it the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
@@ -159,20 +172,38 @@ async fn ws_tail(
             if batch.is_empty() {
                 break;
             }
-            let n = batch.len() as u64;
-            let send = async {
-                for event in batch {
-                    let text = Utf8Bytes::try_from(event).map_err(|e| e.to_string())?;
-                    sink.feed(Message::Text(text)).await.map_err(|e| e.to_string())?;
+            // Each step must be accepted by the socket within the send timeout. Everything
+            // fed is delivered before any close frame we send later, so `cursor` counts fed
+            // events: it is exactly the last seq a client that sees our close frame received.
+            let mut outcome = None;
+            for event in take_within_bytes(batch) {
+                let text = match Utf8Bytes::try_from(event) {
+                    Ok(text) => text,
+                    Err(e) => {
+                        outcome = Some(WsEnd::Failed(format!("stored event is not UTF-8: {e}")));
+                        break;
+                    }
+                };
+                match tokio::time::timeout(send_timeout, sink.feed(Message::Text(text))).await {
+                    Ok(Ok(())) => {
+                        cursor += 1;
+                        metrics::counter!(m::TAIL_EVENTS_SENT).increment(1);
+                    }
+                    Ok(Err(_)) => {
+                        outcome = Some(WsEnd::ClientGone);
+                        break;
+                    }
+                    Err(_) => {
+                        outcome = Some(WsEnd::SlowConsumer);
+                        break;
+                    }
                 }
-                sink.flush().await.map_err(|e| e.to_string())
-            };
-            match tokio::time::timeout(send_timeout, send).await {
-                Ok(Ok(())) => {
-                    cursor += n;
-                    metrics::counter!(m::TAIL_EVENTS_SENT).increment(n);
-                    ping.reset();
-                }
+            }
+            if let Some(end) = outcome {
+                break 'outer end;
+            }
+            match tokio::time::timeout(send_timeout, sink.flush()).await {
+                Ok(Ok(())) => ping.reset(),
                 Ok(Err(_)) => break 'outer WsEnd::ClientGone,
                 Err(_) => break 'outer WsEnd::SlowConsumer,
             }

@@ -1,0 +1,170 @@
+//! Starts real `starcite serve` processes on loopback ports for the operations tests.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    _temp: Option<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_starcite")
+}
+
+impl Server {
+    pub async fn start(env: &[(&str, &str)]) -> Server {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        let mut server = Server {
+            port: free_port(),
+            dir,
+            child: None,
+            _temp: Some(temp),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .env("PORT", self.port.to_string())
+            .env("STARCITE_BIND", "127.0.0.1")
+            .env("STARCITE_RAFT_DATA_DIR", self.dir.join("data"))
+            .env("STARCITE_RAFT_GROUPS", "16")
+            .stdout(Stdio::from(log.try_clone().expect("log file")))
+            .stderr(Stdio::from(log));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("starcite serve starts"));
+        self.wait_ready().await;
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("{}/health/ready", self.url())).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server did not become ready in 20 s; log:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("server did not exit within {within:?}; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory and port.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn create(client: &reqwest::Client, server: &Server, id: &str) {
+    let r = client
+        .post(format!("{}/v1/sessions", server.url()))
+        .json(&serde_json::json!({"id": id}))
+        .send()
+        .await
+        .expect("create request");
+    assert_eq!(r.status(), 201, "create {id}");
+}
+
+pub async fn append(client: &reqwest::Client, server: &Server, id: &str, payload: serde_json::Value) -> u64 {
+    let r = client
+        .post(format!("{}/v1/sessions/{id}/append", server.url()))
+        .json(&serde_json::json!({"type": "content", "actor": "agent:test", "payload": payload}))
+        .send()
+        .await
+        .expect("append request");
+    assert_eq!(r.status(), 201, "append to {id}");
+    let body: serde_json::Value = r.json().await.expect("ack json");
+    body["seq"].as_u64().expect("seq")
+}
