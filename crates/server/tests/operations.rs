@@ -174,6 +174,8 @@ async fn a_consumer_that_cannot_keep_up_is_closed_with_1013_and_its_cursor() {
 #[tokio::test]
 async fn connections_over_the_limit_are_refused_with_503() {
     let server = Server::start(&[("STARCITE_MAX_CONNECTIONS", "4")]).await;
+    // Let the readiness check's connection close so that exactly our four hold the slots.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect"));

@@ -78,7 +78,11 @@ impl Server {
     }
 
     pub async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
+        // No idle pooled connection may outlive the check: some tests count connections.
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("http client");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(r) = client.get(format!("{}/health/ready", self.url())).send().await {
