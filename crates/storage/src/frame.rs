@@ -1,6 +1,10 @@
-//! Record framing: `[len: u32 LE][crc32c(body): u32 LE][body]`.
+//! Record framing: `[len: u32 LE][crc32c(body): u32 LE][crc32c(len ++ body crc): u32 LE][body]`.
+//!
+//! The header has its own checksum so that a damaged length is recognised as damage: without
+//! it, a flipped bit that makes a length run past the end of the file would look exactly like
+//! a torn final write, and recovery would silently cut off acknowledged records after it.
 
-pub const FRAME_HEADER_LEN: usize = 8;
+pub const FRAME_HEADER_LEN: usize = 12;
 /// Refuse absurd lengths when decoding so a corrupt header cannot make us allocate gigabytes.
 pub const MAX_RECORD_LEN: usize = 256 * 1024 * 1024;
 
@@ -8,13 +12,22 @@ pub const MAX_RECORD_LEN: usize = 256 * 1024 * 1024;
 pub enum FrameError {
     /// The buffer ends inside a frame (a torn write if it is at the end of the log).
     Truncated { offset: usize },
-    /// The checksum does not match, or the length is impossible.
-    Corrupt { offset: usize, reason: String },
+    /// The header's own checksum does not match: the length cannot be trusted.
+    BadHeader { offset: usize },
+    /// The header is intact but the body's checksum does not match.
+    BadBody { offset: usize, end: usize },
+}
+
+fn header_crc(len: [u8; 4], body_crc: [u8; 4]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&len), &body_crc)
 }
 
 pub fn encode_frame(body: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    let len = (body.len() as u32).to_le_bytes();
+    let body_crc = crc32c::crc32c(body).to_le_bytes();
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&body_crc);
+    out.extend_from_slice(&header_crc(len, body_crc).to_le_bytes());
     out.extend_from_slice(body);
 }
 
@@ -30,29 +43,23 @@ pub fn decode_frames(
         if rest.len() < FRAME_HEADER_LEN {
             return Err((offset, FrameError::Truncated { offset }));
         }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let len_bytes = [rest[0], rest[1], rest[2], rest[3]];
+        let body_crc = [rest[4], rest[5], rest[6], rest[7]];
+        let stored_header_crc = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]);
+        if header_crc(len_bytes, body_crc) != stored_header_crc {
+            return Err((offset, FrameError::BadHeader { offset }));
+        }
+        let len = u32::from_le_bytes(len_bytes) as usize;
         if len > MAX_RECORD_LEN {
-            return Err((
-                offset,
-                FrameError::Corrupt {
-                    offset,
-                    reason: format!("record length {len} is impossible"),
-                },
-            ));
+            return Err((offset, FrameError::BadHeader { offset }));
         }
         if rest.len() < FRAME_HEADER_LEN + len {
             return Err((offset, FrameError::Truncated { offset }));
         }
         let body = &rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
-        if crc32c::crc32c(body) != crc {
-            return Err((
-                offset,
-                FrameError::Corrupt {
-                    offset,
-                    reason: "checksum mismatch".into(),
-                },
-            ));
+        if crc32c::crc32c(body) != u32::from_le_bytes(body_crc) {
+            let end = offset + FRAME_HEADER_LEN + len;
+            return Err((offset, FrameError::BadBody { offset, end }));
         }
         each(body);
         offset += FRAME_HEADER_LEN + len;
@@ -87,6 +94,13 @@ mod tests {
         flipped[FRAME_HEADER_LEN + 1] ^= 0xff;
         let err = decode_frames(&flipped, |_| {}).unwrap_err();
         assert_eq!(err.0, 0);
-        assert!(matches!(err.1, FrameError::Corrupt { .. }));
+        assert!(matches!(err.1, FrameError::BadBody { offset: 0, end: 17 }));
+
+        // A damaged length is caught by the header checksum, even when it would point past
+        // the end of the buffer (which would otherwise look like a torn write).
+        let mut long = buf.clone();
+        long[3] = 0x7f;
+        let err = decode_frames(&long, |_| {}).unwrap_err();
+        assert!(matches!(err.1, FrameError::BadHeader { offset: 0 }));
     }
 }

@@ -99,7 +99,8 @@ impl Wal {
                     if !torn_tail {
                         let reason = match err {
                             FrameError::Truncated { .. } => "truncated record".to_string(),
-                            FrameError::Corrupt { reason, .. } => reason,
+                            FrameError::BadHeader { .. } => "damaged record header".to_string(),
+                            FrameError::BadBody { .. } => "record checksum mismatch".to_string(),
                         };
                         return Err(StorageError::Corrupt {
                             path,
@@ -223,20 +224,22 @@ impl Drop for Wal {
     }
 }
 
-/// A crash mid-write leaves a partial frame, or a frame whose bytes never all reached the
-/// disk, as the very last thing in the log. A bad frame followed by a valid one is not a
-/// torn write but damage in the middle.
+/// A crash mid-write (`kill -9`, a full disk) leaves a frame cut short as the very last thing
+/// in the log. After a power loss the last, never-fsync'd write may also hold garbage or
+/// zeroes. Anything else — a damaged frame with intact data after it — is damage in the
+/// middle, and recovery must not skip it.
 fn is_torn_tail(rest: &[u8], err: &FrameError) -> bool {
     match err {
         FrameError::Truncated { .. } => true,
-        FrameError::Corrupt { .. } => {
-            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let next = crate::FRAME_HEADER_LEN.saturating_add(len);
-            // If the corrupt frame's length would run past the end, it is the last write.
-            // Otherwise, something follows it: damage in the middle unless it is all zeroes
-            // (preallocated space the crash never filled).
-            next >= rest.len() || rest[next..].iter().all(|&b| b == 0)
-        }
+        // The last frame (followed by nothing, or by zeroes) is complete but its body is
+        // wrong: an unsynced final write.
+        FrameError::BadBody { offset, end } => rest[(end - offset).min(rest.len())..]
+            .iter()
+            .all(|&b| b == 0),
+        // A garbage header followed only by zeroes: space the crash never filled.
+        FrameError::BadHeader { .. } => rest[crate::FRAME_HEADER_LEN.min(rest.len())..]
+            .iter()
+            .all(|&b| b == 0),
     }
 }
 
@@ -451,9 +454,45 @@ mod tests {
         bytes[crate::FRAME_HEADER_LEN + 12 + 1] ^= 0x55; // inside the second record's body
         std::fs::write(&path, &bytes).unwrap();
         match replay(dir.path(), 0) {
-            Err(StorageError::Corrupt { offset, .. }) => assert_eq!(offset, 12),
+            Err(StorageError::Corrupt { offset, .. }) => {
+                assert_eq!(offset, (crate::FRAME_HEADER_LEN + 4) as u64)
+            }
             other => panic!("expected corruption error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_damaged_length_in_the_middle_is_not_mistaken_for_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        for b in [b"aaaa", b"bbbb", b"cccc"] {
+            append_sync(&wal, b).unwrap();
+        }
+        wal.close();
+        let seg = *list_segments(dir.path()).unwrap().last().unwrap();
+        let path = segment_path(dir.path(), seg);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[crate::FRAME_HEADER_LEN + 4 + 3] = 0x7f; // second record's length: huge
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(replay(dir.path(), 0), Err(StorageError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_garbled_final_record_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        for b in [b"aaaa", b"bbbb"] {
+            append_sync(&wal, b).unwrap();
+        }
+        wal.close();
+        let seg = *list_segments(dir.path()).unwrap().last().unwrap();
+        let path = segment_path(dir.path(), seg);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff; // body of the last record never fully reached the disk
+        bytes.extend_from_slice(&[0u8; 64]); // and zeroes after it
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(replay(dir.path(), 0).unwrap(), vec![b"aaaa".to_vec()]);
     }
 
     #[test]
@@ -481,7 +520,9 @@ mod tests {
         wal.append(b"x", Box::new(move |_| f.store(1, Ordering::SeqCst)));
         let (tx, rx) = channel();
         let f = flag.clone();
-        wal.barrier(Box::new(move |r| drop(tx.send((r.is_ok(), f.load(Ordering::SeqCst))))));
+        wal.barrier(Box::new(move |r| {
+            let _ = tx.send((r.is_ok(), f.load(Ordering::SeqCst)));
+        }));
         assert_eq!(rx.recv().unwrap(), (true, 1));
     }
 }
