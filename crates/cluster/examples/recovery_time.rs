@@ -14,7 +14,10 @@ use std::time::Instant;
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let events: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let events: u64 = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let sessions: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(500);
     let snapshot = args.iter().any(|a| a == "--snapshot");
     let dir = tempfile::tempdir().expect("temp dir");

@@ -108,7 +108,10 @@ const META_FILE: &str = "starcite.meta";
 fn prepare_data_dir(config: &NodeConfig) -> Result<File, NodeError> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).map_err(|e| {
-        NodeError::Startup(format!("cannot create data directory {}: {e}", dir.display()))
+        NodeError::Startup(format!(
+            "cannot create data directory {}: {e}",
+            dir.display()
+        ))
     })?;
     let lock_path = dir.join("LOCK");
     let lock = File::create(&lock_path)
@@ -126,9 +129,7 @@ fn prepare_data_dir(config: &NodeConfig) -> Result<File, NodeError> {
                 .lines()
                 .find_map(|l| l.strip_prefix("groups="))
                 .and_then(|v| v.trim().parse::<u32>().ok())
-                .ok_or_else(|| {
-                    NodeError::Startup(format!("{} is damaged", meta_path.display()))
-                })?;
+                .ok_or_else(|| NodeError::Startup(format!("{} is damaged", meta_path.display())))?;
             if groups != config.groups {
                 return Err(NodeError::Startup(format!(
                     "data directory {} was created with {groups} raft groups; \
@@ -616,7 +617,11 @@ impl Node {
                 if inner.headers_unarchived.contains(session_id) {
                     backlog.sessions.push(session.view());
                 }
-                let durable = inner.visible.get(session_id).map(|tx| *tx.borrow()).unwrap_or(0);
+                let durable = inner
+                    .visible
+                    .get(session_id)
+                    .map(|tx| *tx.borrow())
+                    .unwrap_or(0);
                 if durable <= session.archived_seq {
                     continue;
                 }
@@ -671,9 +676,11 @@ impl Node {
                 Applied::Archived { trimmed } => trimmed,
                 _ => return Ok(0),
             };
-            let fully_archived = inner.state.session(session_id).is_some_and(|s| {
-                s.archived_seq >= s.last_seq
-            }) && !inner.headers_unarchived.contains(session_id);
+            let fully_archived = inner
+                .state
+                .session(session_id)
+                .is_some_and(|s| s.archived_seq >= s.last_seq)
+                && !inner.headers_unarchived.contains(session_id);
             if fully_archived {
                 inner.unarchived.remove(session_id);
             }

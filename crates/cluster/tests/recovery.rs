@@ -35,7 +35,9 @@ fn all_events(node: &Node, id: &str) -> Vec<serde_json::Value> {
 
 async fn fill(node: &Node, sessions: u32, per_session: u32) {
     for s in 0..sessions {
-        node.create_session(create_req(&format!("s{s}"))).await.unwrap();
+        node.create_session(create_req(&format!("s{s}")))
+            .await
+            .unwrap();
         for n in 0..per_session {
             let key = format!("k{n}");
             let out = node
@@ -56,7 +58,9 @@ async fn restart_replays_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let node = open(dir.path());
     fill(&node, 5, 40).await;
-    let before: Vec<_> = (0..5).map(|s| all_events(&node, &format!("s{s}"))).collect();
+    let before: Vec<_> = (0..5)
+        .map(|s| all_events(&node, &format!("s{s}")))
+        .collect();
     drop(node);
 
     let node = open(dir.path());
@@ -68,7 +72,10 @@ async fn restart_replays_the_log() {
         let out = node.append(&id, append_req(7, Some("k7"))).await.unwrap();
         assert!(out.deduped);
         assert_eq!(out.seq, 8);
-        assert_eq!(node.append(&id, append_req(99, None)).await.unwrap().seq, 41);
+        assert_eq!(
+            node.append(&id, append_req(99, None)).await.unwrap().seq,
+            41
+        );
     }
     assert!(matches!(
         node.create_session(create_req("s0")).await,
@@ -108,7 +115,10 @@ async fn restart_from_snapshot_plus_log_tail() {
     assert_eq!(node.session("s2").await.unwrap().last_seq, 30);
     let out = node.append("s1", append_req(3, Some("k3"))).await.unwrap();
     assert!(out.deduped && out.seq == 4);
-    let out = node.append("s1", append_req(40, Some("k40"))).await.unwrap();
+    let out = node
+        .append("s1", append_req(40, Some("k40")))
+        .await
+        .unwrap();
     assert!(out.deduped && out.seq == 41);
 }
 
@@ -148,7 +158,12 @@ async fn concurrent_appends_are_gapless_and_visible_only_when_durable() {
         tasks.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for n in 0..50 {
-                seqs.push(node.append("hot", append_req(w * 1000 + n, None)).await.unwrap().seq);
+                seqs.push(
+                    node.append("hot", append_req(w * 1000 + n, None))
+                        .await
+                        .unwrap()
+                        .seq,
+                );
             }
             seqs
         }));
@@ -156,7 +171,10 @@ async fn concurrent_appends_are_gapless_and_visible_only_when_durable() {
     let mut all = Vec::new();
     for t in tasks {
         let seqs = t.await.unwrap();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "a writer's own order is kept");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "a writer's own order is kept"
+        );
         all.extend(seqs);
     }
     all.sort_unstable();

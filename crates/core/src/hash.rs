@@ -29,6 +29,9 @@ mod tests {
         for i in 0..16_000 {
             counts[group_of(&format!("ses_{i}"), 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

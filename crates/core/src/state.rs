@@ -100,9 +100,18 @@ impl Session {
 pub enum AppendDecision {
     NotFound,
     /// The same event was already appended under this idempotency key.
-    Deduped { seq: u64, last_seq: u64 },
-    IdempotencyConflict { key: String, seq: u64 },
-    ExpectedSeqConflict { expected: u64, current: u64 },
+    Deduped {
+        seq: u64,
+        last_seq: u64,
+    },
+    IdempotencyConflict {
+        key: String,
+        seq: u64,
+    },
+    ExpectedSeqConflict {
+        expected: u64,
+        current: u64,
+    },
     Accept(AppendCommand),
 }
 
@@ -116,9 +125,13 @@ pub enum CreateDecision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     Created,
-    Appended { seq: u64 },
+    Appended {
+        seq: u64,
+    },
     /// The archive mark advanced; `trimmed` events left memory.
-    Archived { trimmed: u64 },
+    Archived {
+        trimmed: u64,
+    },
     /// The command no longer fitted the state (duplicate create, stale seq, replayed key).
     Ignored,
 }
@@ -342,7 +355,10 @@ mod tests {
         let mut s = GroupState::new(10);
         create(&mut s, "a");
         let first = request(r#"{"n":1}"#, Some("k"), Some(0));
-        assert!(matches!(append(&mut s, "a", &first), AppendDecision::Accept(_)));
+        assert!(matches!(
+            append(&mut s, "a", &first),
+            AppendDecision::Accept(_)
+        ));
         append(&mut s, "a", &request("{}", None, None));
         assert_eq!(
             append(&mut s, "a", &first),
@@ -377,7 +393,10 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(s.apply(&Command::Append(cmd.clone())), Applied::Appended { seq: 1 });
+        assert_eq!(
+            s.apply(&Command::Append(cmd.clone())),
+            Applied::Appended { seq: 1 }
+        );
         assert_eq!(s.apply(&Command::Append(cmd)), Applied::Ignored);
         assert_eq!(s.session("a").unwrap().last_seq, 1);
     }
@@ -432,7 +451,11 @@ mod tests {
                 keep_hot: keep,
             })
         };
-        assert_eq!(s.apply(&ack(11, 2)), Applied::Ignored, "cannot archive past last_seq");
+        assert_eq!(
+            s.apply(&ack(11, 2)),
+            Applied::Ignored,
+            "cannot archive past last_seq"
+        );
         assert_eq!(s.apply(&ack(6, 2)), Applied::Archived { trimmed: 4 });
         let session = s.session("a").unwrap();
         assert_eq!(session.first_seq(), 5);
@@ -440,7 +463,11 @@ mod tests {
         assert_eq!(session.events_between(0, 10, 100).len(), 6);
         assert_eq!(s.apply(&ack(6, 0)), Applied::Ignored, "not monotonic");
         assert_eq!(s.apply(&ack(10, 0)), Applied::Archived { trimmed: 6 });
-        assert!(s.session("a").unwrap().events_between(0, 10, 100).is_empty());
+        assert!(s
+            .session("a")
+            .unwrap()
+            .events_between(0, 10, 100)
+            .is_empty());
         // Idempotency keys outlive trimming.
         assert!(matches!(
             append(&mut s, "a", &request("{}", Some("k0"), None)),
@@ -454,7 +481,11 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Append { key: Option<u8>, payload: u8, expected: Option<u64> },
+        Append {
+            key: Option<u8>,
+            payload: u8,
+            expected: Option<u64>,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {

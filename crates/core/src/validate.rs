@@ -252,7 +252,10 @@ mod tests {
         let body = br#"{"type":"state","payload":{"b":1, "a":[1,2]},"actor":"agent:x","source":"agent","metadata":{"m":true},"refs":{"to_seq":3,"step":0,"request_id":"r"},"idempotency_key":"k1","expected_seq":7}"#;
         let req = AppendRequest::parse(body).unwrap();
         assert_eq!(req.event_type, "state");
-        assert_eq!(req.payload, r#"{"b":1, "a":[1,2]}"#, "payload kept verbatim");
+        assert_eq!(
+            req.payload, r#"{"b":1, "a":[1,2]}"#,
+            "payload kept verbatim"
+        );
         assert_eq!(req.source.as_deref(), Some("agent"));
         assert_eq!(req.idempotency_key.as_deref(), Some("k1"));
         assert_eq!(req.expected_seq, Some(7));
@@ -276,20 +279,29 @@ mod tests {
         assert!(field_err(r#"{"type":"t","payload":[1],"actor":"a"}"#).contains("payload"));
         assert!(field_err(r#"{"type":"t","payload":"x","actor":"a"}"#).contains("payload"));
         assert!(field_err(r#"{"type":"t","payload":{}}"#).contains("actor"));
-        assert!(field_err(r#"{"type":"t","payload":{},"actor":"a","source":""}"#).contains("source"));
         assert!(
-            field_err(r#"{"type":"t","payload":{},"actor":"a","metadata":[]}"#).contains("metadata")
+            field_err(r#"{"type":"t","payload":{},"actor":"a","source":""}"#).contains("source")
         );
-        assert!(field_err(r#"{"type":"t","payload":{},"actor":"a","refs":{"to_seq":-1}}"#)
-            .contains("to_seq"));
-        assert!(field_err(r#"{"type":"t","payload":{},"actor":"a","refs":{"step":1.5}}"#)
-            .contains("step"));
+        assert!(
+            field_err(r#"{"type":"t","payload":{},"actor":"a","metadata":[]}"#)
+                .contains("metadata")
+        );
+        assert!(
+            field_err(r#"{"type":"t","payload":{},"actor":"a","refs":{"to_seq":-1}}"#)
+                .contains("to_seq")
+        );
+        assert!(
+            field_err(r#"{"type":"t","payload":{},"actor":"a","refs":{"step":1.5}}"#)
+                .contains("step")
+        );
         assert!(
             field_err(r#"{"type":"t","payload":{},"actor":"a","refs":{"request_id":5}}"#)
                 .contains("request_id")
         );
-        assert!(field_err(r#"{"type":"t","payload":{},"actor":"a","idempotency_key":""}"#)
-            .contains("idempotency_key"));
+        assert!(
+            field_err(r#"{"type":"t","payload":{},"actor":"a","idempotency_key":""}"#)
+                .contains("idempotency_key")
+        );
         for bad in ["-1", "1.5", "\"3\"", "true", "18446744073709551616"] {
             let body = format!(r#"{{"type":"t","payload":{{}},"actor":"a","expected_seq":{bad}}}"#);
             assert!(field_err(&body).contains("expected_seq"), "{bad}");
@@ -301,7 +313,10 @@ mod tests {
     fn malformed_and_deep_json_is_invalid_json() {
         for body in ["", "{", "{\"type\":", "nul", "{\"a\":1}x"] {
             assert!(
-                matches!(AppendRequest::parse(body.as_bytes()), Err(ValidationError::Json(_))),
+                matches!(
+                    AppendRequest::parse(body.as_bytes()),
+                    Err(ValidationError::Json(_))
+                ),
                 "{body:?}"
             );
         }
@@ -320,14 +335,14 @@ mod tests {
 
     #[test]
     fn fingerprint_ignores_formatting_but_not_content() {
-        let a = AppendRequest::parse(br#"{"type":"t","payload":{"a":1,"b":2},"actor":"x"}"#)
-            .unwrap();
+        let a =
+            AppendRequest::parse(br#"{"type":"t","payload":{"a":1,"b":2},"actor":"x"}"#).unwrap();
         let b = AppendRequest::parse(
             br#"{ "actor":"x", "payload":{ "b":2, "a":1 }, "type":"t", "metadata":{} }"#,
         )
         .unwrap();
-        let c = AppendRequest::parse(br#"{"type":"t","payload":{"a":1,"b":3},"actor":"x"}"#)
-            .unwrap();
+        let c =
+            AppendRequest::parse(br#"{"type":"t","payload":{"a":1,"b":3},"actor":"x"}"#).unwrap();
         let d = AppendRequest::parse(
             br#"{"type":"t","payload":{"a":1,"b":2},"actor":"x","source":"s"}"#,
         )

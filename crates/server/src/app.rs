@@ -114,7 +114,11 @@ async fn track_requests(req: Request, next: Next) -> Response {
 }
 
 /// Reads a body up to the configured limit.
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -163,8 +167,8 @@ pub(crate) async fn create_session(
 ) -> Result<Response, ApiError> {
     let node = state.node()?;
     let body = read_body(&state, &headers, body).await?;
-    let req = CreateRequest::parse(&body)
-        .map_err(|e| ApiError::from_validation(e, "invalid_session"))?;
+    let req =
+        CreateRequest::parse(&body).map_err(|e| ApiError::from_validation(e, "invalid_session"))?;
     let view = node.create_session(req).await?;
     Ok((StatusCode::CREATED, Json(session_json(&view))).into_response())
 }
@@ -357,7 +361,10 @@ mod tests {
             "/metrics",
             "/openapi.json",
         ] {
-            assert!(paths.contains_key(required), "{required} missing from the document");
+            assert!(
+                paths.contains_key(required),
+                "{required} missing from the document"
+            );
         }
         let mut operations = 0;
         for (path, item) in paths {
@@ -371,7 +378,9 @@ mod tests {
                     .unwrap();
                 let response = router(test_state()).oneshot(req).await.unwrap();
                 let status = response.status();
-                let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
                 let text = String::from_utf8_lossy(&body);
                 assert!(
                     status != StatusCode::METHOD_NOT_ALLOWED && !text.contains("\"not_found\""),
@@ -385,9 +394,23 @@ mod tests {
     #[test]
     fn events_query_rules() {
         assert_eq!(parse_events_query(None).unwrap(), (0, 100));
-        assert_eq!(parse_events_query(Some("cursor=5&limit=1000")).unwrap(), (5, 1000));
-        for bad in ["limit=0", "limit=1001", "limit=x", "limit=", "limit=+5", "limit=-1"] {
-            assert_eq!(parse_events_query(Some(bad)).unwrap_err().code, "invalid_limit", "{bad}");
+        assert_eq!(
+            parse_events_query(Some("cursor=5&limit=1000")).unwrap(),
+            (5, 1000)
+        );
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "limit=",
+            "limit=+5",
+            "limit=-1",
+        ] {
+            assert_eq!(
+                parse_events_query(Some(bad)).unwrap_err().code,
+                "invalid_limit",
+                "{bad}"
+            );
         }
         assert_eq!(
             parse_events_query(Some("cursor=-1")).unwrap_err().code,

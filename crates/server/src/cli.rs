@@ -9,7 +9,12 @@ use std::time::Duration;
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
     /// Base URL of a Starcite node.
-    #[arg(long, env = "STARCITE_URL", default_value = "http://127.0.0.1:4000", global = true)]
+    #[arg(
+        long,
+        env = "STARCITE_URL",
+        default_value = "http://127.0.0.1:4000",
+        global = true
+    )]
     pub url: String,
 }
 
@@ -218,7 +223,11 @@ async fn tail_loop(opts: &ClientOpts, args: &TailArgs) -> Result<(), Failure> {
                 base(opts),
                 args.session
             );
-            let response = client.get(&url).send().await.map_err(|e| unreachable(&url, e))?;
+            let response = client
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| unreachable(&url, e))?;
             let text = read_text(&url, response).await?;
             // Raw JSON, so that events print exactly as stored.
             let raw: EventsPage = serde_json::from_str(&text).map_err(|e| Failure {
@@ -249,7 +258,10 @@ async fn tail_loop(opts: &ClientOpts, args: &TailArgs) -> Result<(), Failure> {
         {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("starcite: {}; retrying from seq {cursor}", unreachable(&url, e).message);
+                eprintln!(
+                    "starcite: {}; retrying from seq {cursor}",
+                    unreachable(&url, e).message
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;

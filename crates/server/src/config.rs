@@ -17,7 +17,11 @@ pub struct ServeConfig {
     pub bind: IpAddr,
 
     /// Directory for the log, snapshots and the embedded archive. Created if missing.
-    #[arg(long, env = "STARCITE_RAFT_DATA_DIR", default_value = "./starcite-data")]
+    #[arg(
+        long,
+        env = "STARCITE_RAFT_DATA_DIR",
+        default_value = "./starcite-data"
+    )]
     pub data_dir: PathBuf,
 
     /// This node's name in CLUSTER_NODES.
@@ -140,7 +144,11 @@ impl ServeConfig {
         if self.node_name.is_empty() {
             return Err("NODE_NAME must not be empty".into());
         }
-        if let Some(nodes) = self.cluster_nodes.as_deref().filter(|s| !s.trim().is_empty()) {
+        if let Some(nodes) = self
+            .cluster_nodes
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+        {
             let parsed = parse_cluster_nodes(nodes)?;
             if !parsed.iter().any(|(name, _)| name == &self.node_name) {
                 return Err(format!(
@@ -175,7 +183,9 @@ pub fn parse_cluster_nodes(raw: &str) -> Result<Vec<(String, String)>, String> {
             .rsplit_once(':')
             .ok_or_else(|| format!("CLUSTER_NODES entry {item:?} has no port"))?;
         if name.is_empty() || host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(format!("CLUSTER_NODES entry {item:?} is not name@host:port"));
+            return Err(format!(
+                "CLUSTER_NODES entry {item:?} is not name@host:port"
+            ));
         }
         if out.iter().any(|(n, _)| n == name) {
             return Err(format!("CLUSTER_NODES names {name:?} twice"));

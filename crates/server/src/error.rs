@@ -68,14 +68,14 @@ impl From<NodeError> for ApiError {
         let (status, code) = match err {
             NodeError::SessionNotFound(_) => (StatusCode::NOT_FOUND, "session_not_found"),
             NodeError::SessionExists(_) => (StatusCode::CONFLICT, "session_exists"),
-            NodeError::ExpectedSeqConflict { .. } => (StatusCode::CONFLICT, "expected_seq_conflict"),
+            NodeError::ExpectedSeqConflict { .. } => {
+                (StatusCode::CONFLICT, "expected_seq_conflict")
+            }
             NodeError::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
             NodeError::Unavailable(_)
             | NodeError::Trimmed { .. }
             | NodeError::Storage(_)
-            | NodeError::Startup(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            }
+            | NodeError::Startup(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, message)
     }

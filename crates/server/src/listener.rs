@@ -51,24 +51,6 @@ impl Drop for ConnectionGuard {
 
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 76\r\n\r\n{\"error\":\"unavailable\",\"message\":\"too many open connections; retry shortly\"}";
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn refusal_is_a_complete_http_response() {
-        let text = std::str::from_utf8(super::REFUSAL).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        let declared: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(declared, body.len());
-        let json: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(json["error"], "unavailable");
-    }
-}
-
 async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(REFUSAL).await?;
@@ -127,5 +109,23 @@ pub async fn serve(
             }
             let _ = conn.await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn refusal_is_a_complete_http_response() {
+        let text = std::str::from_utf8(super::REFUSAL).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let declared: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(declared, body.len());
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "unavailable");
     }
 }

@@ -15,8 +15,8 @@ pub const TAIL_EVENTS_SENT: &str = "starcite_tail_events_sent_total";
 pub const TAIL_SLOW_CLOSED: &str = "starcite_tail_slow_consumer_closed_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
 ];
 const BYTE_BUCKETS: &[f64] = &[
     64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
@@ -30,14 +30,23 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?;
     let handle = builder.install_recorder().map_err(|e| e.to_string())?;
     metrics::describe_counter!(APPEND_TOTAL, "Events appended (acknowledged, not deduped)");
-    metrics::describe_counter!(APPEND_DEDUPED_TOTAL, "Appends answered from the idempotency window");
+    metrics::describe_counter!(
+        APPEND_DEDUPED_TOTAL,
+        "Appends answered from the idempotency window"
+    );
     metrics::describe_histogram!(PAYLOAD_BYTES, "Size of appended event payloads in bytes");
-    metrics::describe_histogram!(APPEND_LATENCY, "Append latency from request to durable ack, seconds");
+    metrics::describe_histogram!(
+        APPEND_LATENCY,
+        "Append latency from request to durable ack, seconds"
+    );
     metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by route, method and status");
     metrics::describe_histogram!(HTTP_LATENCY, "HTTP request latency by route, seconds");
     metrics::describe_gauge!(TAILS_ACTIVE, "Open tail connections (WebSocket and SSE)");
     metrics::describe_counter!(TAIL_EVENTS_SENT, "Events delivered to tails");
-    metrics::describe_counter!(TAIL_SLOW_CLOSED, "Tails closed because the client could not keep up");
+    metrics::describe_counter!(
+        TAIL_SLOW_CLOSED,
+        "Tails closed because the client could not keep up"
+    );
     // Register the counters at zero so they are visible before the first append.
     metrics::counter!(APPEND_TOTAL).absolute(0);
     metrics::counter!(APPEND_DEDUPED_TOTAL).absolute(0);
@@ -52,6 +61,7 @@ pub fn record_node_stats(stats: &NodeStats) {
     metrics::counter!("starcite_log_records_written_total").absolute(stats.log_records_written);
     metrics::counter!("starcite_log_fsyncs_total").absolute(stats.log_fsyncs);
     metrics::counter!("starcite_snapshots_taken_total").absolute(stats.snapshots_taken);
-    metrics::gauge!("starcite_recovery_records_replayed").set(stats.recovery_records_replayed as f64);
+    metrics::gauge!("starcite_recovery_records_replayed")
+        .set(stats.recovery_records_replayed as f64);
     metrics::gauge!("starcite_recovery_duration_ms").set(stats.recovery_millis as f64);
 }

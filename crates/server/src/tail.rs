@@ -8,8 +8,8 @@
 use crate::app::{path_session, SharedState};
 use crate::error::ApiError;
 use crate::metrics as m;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -31,11 +31,14 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// The longest prefix of `batch` within [`BATCH_BYTES`], never empty if `batch` is not.
 fn take_within_bytes(batch: Vec<Bytes>) -> impl Iterator<Item = Bytes> {
     let mut total = 0usize;
-    batch.into_iter().enumerate().take_while(move |(i, e)| {
-        total += e.len();
-        *i == 0 || total <= BATCH_BYTES
-    })
-    .map(|(_, e)| e)
+    batch
+        .into_iter()
+        .enumerate()
+        .take_while(move |(i, e)| {
+            total += e.len();
+            *i == 0 || total <= BATCH_BYTES
+        })
+        .map(|(_, e)| e)
 }
 
 /// After a slow consumer is cut off, how long we keep trying to hand it the close frame.
@@ -61,7 +64,9 @@ pub(crate) fn parse_cursor(query: Option<&str>) -> Result<Option<u64>, ApiError>
     match query_param(query, "cursor") {
         None => Ok(None),
         Some(raw) => parse_seq(raw).map(Some).ok_or_else(|| {
-            ApiError::invalid_cursor(format!("cursor must be a non-negative integer, got {raw:?}"))
+            ApiError::invalid_cursor(format!(
+                "cursor must be a non-negative integer, got {raw:?}"
+            ))
         }),
     }
 }
@@ -123,9 +128,7 @@ pub async fn tail(
         Err(rejection) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_websocket_upgrade",
-            format!(
-                "tail needs a WebSocket upgrade (or Accept: text/event-stream): {rejection}"
-            ),
+            format!("tail needs a WebSocket upgrade (or Accept: text/event-stream): {rejection}"),
         )),
     }
 }
@@ -311,7 +314,10 @@ fn sse_tail(
                 Err(e) => {
                     st.done = true;
                     let msg = serde_json::json!({"error": "unavailable", "message": e.to_string()});
-                    return Some((Ok(Event::default().event("error").data(msg.to_string())), st));
+                    return Some((
+                        Ok(Event::default().event("error").data(msg.to_string())),
+                        st,
+                    ));
                 }
             }
         }
@@ -323,7 +329,11 @@ fn sse_tail(
         item
     });
     Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive"))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
         .into_response()
 }
 
@@ -358,7 +368,11 @@ mod tests {
             "cursor=+1",
             "cursor=18446744073709551616",
         ] {
-            assert_eq!(parse_cursor(Some(bad)).unwrap_err().code, "invalid_cursor", "{bad}");
+            assert_eq!(
+                parse_cursor(Some(bad)).unwrap_err().code,
+                "invalid_cursor",
+                "{bad}"
+            );
         }
     }
 }

@@ -12,7 +12,10 @@ async fn all_events(client: &reqwest::Client, server: &Server, id: &str) -> Vec<
     let mut cursor = 0;
     loop {
         let page: serde_json::Value = client
-            .get(format!("{}/v1/sessions/{id}/events?cursor={cursor}&limit=1000", server.url()))
+            .get(format!(
+                "{}/v1/sessions/{id}/events?cursor={cursor}&limit=1000",
+                server.url()
+            ))
             .send()
             .await
             .expect("events")
@@ -72,17 +75,28 @@ async fn kill_9_under_concurrent_load_keeps_every_acknowledged_event_gapless() {
     for w in writers {
         acked.extend(w.await.expect("writer"));
     }
-    assert!(acked.len() > 50, "load ran before the kill ({} acked)", acked.len());
+    assert!(
+        acked.len() > 50,
+        "load ran before the kill ({} acked)",
+        acked.len()
+    );
     server.restart().await;
     for s in 0..4 {
         let id = format!("s{s}");
         let events = all_events(&client, &server, &id).await;
         for (i, e) in events.iter().enumerate() {
-            assert_eq!(e["seq"].as_u64(), Some(i as u64 + 1), "gapless after recovery");
+            assert_eq!(
+                e["seq"].as_u64(),
+                Some(i as u64 + 1),
+                "gapless after recovery"
+            );
         }
         for (session, seq, key, body) in acked.iter().filter(|a| a.0 == id) {
             let stored = &events[(*seq - 1) as usize];
-            assert_eq!(&stored["idempotency_key"], key, "acked seq {seq} holds its own event");
+            assert_eq!(
+                &stored["idempotency_key"], key,
+                "acked seq {seq} holds its own event"
+            );
             assert_eq!(stored["payload"], body["payload"]);
             // The retry after the crash is answered from the recovered idempotency window.
             let r: serde_json::Value = client
@@ -116,7 +130,10 @@ async fn a_torn_write_at_the_end_of_the_log_is_cut_off() {
     server.restart().await;
     let events = all_events(&client, &server, "t").await;
     assert_eq!(events.len(), 20);
-    assert_eq!(append(&client, &server, "t", serde_json::json!({"after": true})).await, 21);
+    assert_eq!(
+        append(&client, &server, "t", serde_json::json!({"after": true})).await,
+        21
+    );
 }
 
 #[tokio::test]
@@ -125,7 +142,13 @@ async fn damage_in_the_middle_of_the_log_refuses_to_start() {
     let client = reqwest::Client::new();
     create(&client, &server, "d").await;
     for i in 0..20 {
-        append(&client, &server, "d", serde_json::json!({"i": i, "text": "some payload text"})).await;
+        append(
+            &client,
+            &server,
+            "d",
+            serde_json::json!({"i": i, "text": "some payload text"}),
+        )
+        .await;
     }
     server.kill9();
     let last = segments(&server).pop().expect("a segment");
@@ -142,5 +165,8 @@ async fn damage_in_the_middle_of_the_log_refuses_to_start() {
         .expect("runs");
     assert!(!output.status.success(), "must not serve a damaged log");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("corrupt log segment"), "clear message: {stderr}");
+    assert!(
+        stderr.contains("corrupt log segment"),
+        "clear message: {stderr}"
+    );
 }

@@ -38,9 +38,10 @@ async fn sigterm_closes_tails_with_1001_and_their_cursor_then_exits_zero() {
     for i in 0..3 {
         append(&client, &server, "s", serde_json::json!({"i": i})).await;
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url("/v1/sessions/s/tail?cursor=0"))
-        .await
-        .expect("ws connects");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(server.ws_url("/v1/sessions/s/tail?cursor=0"))
+            .await
+            .expect("ws connects");
     for expected in 1..=3 {
         assert_eq!(seq_of(&next_message(&mut ws).await), expected);
     }
@@ -49,7 +50,11 @@ async fn sigterm_closes_tails_with_1001_and_their_cursor_then_exits_zero() {
         match next_message(&mut ws).await {
             Message::Close(Some(frame)) => {
                 assert_eq!(frame.code, CloseCode::Away, "close code 1001");
-                assert!(frame.reason.contains("last delivered seq 3"), "{}", frame.reason);
+                assert!(
+                    frame.reason.contains("last delivered seq 3"),
+                    "{}",
+                    frame.reason
+                );
                 break;
             }
             Message::Ping(_) | Message::Pong(_) => continue,
@@ -72,7 +77,8 @@ async fn sigterm_during_appends_loses_no_acknowledged_event() {
         writers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             for i in 0..10_000 {
-                let body = serde_json::json!({"type": "t", "actor": "a", "payload": {"w": w, "i": i}});
+                let body =
+                    serde_json::json!({"type": "t", "actor": "a", "payload": {"w": w, "i": i}});
                 match client.post(&url).json(&body).send().await {
                     Ok(r) if r.status() == 201 => {
                         let v: serde_json::Value = match r.json().await {
@@ -94,7 +100,10 @@ async fn sigterm_during_appends_loses_no_acknowledged_event() {
     for w in writers {
         acked.extend(w.await.expect("writer"));
     }
-    assert!(!acked.is_empty(), "some appends were acknowledged before shutdown");
+    assert!(
+        !acked.is_empty(),
+        "some appends were acknowledged before shutdown"
+    );
     server.restart().await;
     let page: serde_json::Value = client
         .get(format!("{}/v1/sessions/s", server.url()))
@@ -106,7 +115,10 @@ async fn sigterm_during_appends_loses_no_acknowledged_event() {
         .expect("json");
     let last_seq = page["last_seq"].as_u64().expect("last_seq");
     let max_acked = *acked.iter().max().expect("acked");
-    assert!(last_seq >= max_acked, "acked {max_acked} but recovered only {last_seq}");
+    assert!(
+        last_seq >= max_acked,
+        "acked {max_acked} but recovered only {last_seq}"
+    );
     acked.sort_unstable();
     acked.dedup();
     assert!(acked.iter().all(|&s| s >= 1 && s <= last_seq));
@@ -117,9 +129,10 @@ async fn a_consumer_that_cannot_keep_up_is_closed_with_1013_and_its_cursor() {
     let server = Server::start(&[("STARCITE_TAIL_SEND_TIMEOUT_MS", "300")]).await;
     let client = reqwest::Client::new();
     create(&client, &server, "s").await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url("/v1/sessions/s/tail?cursor=0"))
-        .await
-        .expect("ws connects");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(server.ws_url("/v1/sessions/s/tail?cursor=0"))
+            .await
+            .expect("ws connects");
     // Fill the socket buffers on both sides while the client reads nothing: ~40 MB.
     let big = "x".repeat(16 * 1024);
     let url = format!("{}/v1/sessions/s/append", server.url());
@@ -146,7 +159,11 @@ async fn a_consumer_that_cannot_keep_up_is_closed_with_1013_and_its_cursor() {
             Message::Text(t) => {
                 received += 1;
                 let v: serde_json::Value = serde_json::from_str(&t).expect("json");
-                assert_eq!(v["seq"].as_u64(), Some(received), "frames are contiguous from 1");
+                assert_eq!(
+                    v["seq"].as_u64(),
+                    Some(received),
+                    "frames are contiguous from 1"
+                );
             }
             Message::Close(Some(frame)) => {
                 assert_eq!(u16::from(frame.code), 1013, "{frame:?}");
@@ -156,7 +173,10 @@ async fn a_consumer_that_cannot_keep_up_is_closed_with_1013_and_its_cursor() {
             _ => {}
         }
     };
-    assert!(received < 2560, "the slow client was cut off before the end");
+    assert!(
+        received < 2560,
+        "the slow client was cut off before the end"
+    );
     assert_eq!(
         reason,
         format!("slow consumer; last delivered seq {received}"),
@@ -178,38 +198,56 @@ async fn connections_over_the_limit_are_refused_with_503() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect"));
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+                .await
+                .expect("connect"),
+        );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut extra = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect");
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_end(&mut extra, &mut answer))
+    let mut extra = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
         .await
-        .expect("refusal within 5 s")
-        .expect("read");
+        .expect("connect");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut extra, &mut answer),
+    )
+    .await
+    .expect("refusal within 5 s")
+    .expect("read");
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.contains("\"error\":\"unavailable\""), "{text}");
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = reqwest::get(format!("{}/health/live", server.url())).await.expect("live");
+    let r = reqwest::get(format!("{}/health/live", server.url()))
+        .await
+        .expect("live");
     assert_eq!(r.status(), 200, "slots are released when connections close");
 }
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let server = Server::start(&[("STARCITE_HEADER_READ_TIMEOUT_MS", "500")]).await;
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .expect("connect");
     tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
         .await
         .expect("write");
     let mut buf = Vec::new();
     let started = std::time::Instant::now();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut buf))
-        .await
-        .expect("the server closes the connection");
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut buf),
+    )
+    .await
+    .expect("the server closes the connection");
     assert!(started.elapsed() < Duration::from_secs(3));
-    let r = reqwest::get(format!("{}/health/live", server.url())).await.expect("live");
+    let r = reqwest::get(format!("{}/health/live", server.url()))
+        .await
+        .expect("live");
     assert_eq!(r.status(), 200);
 }
 
@@ -219,7 +257,13 @@ async fn sse_tail_replays_follows_and_resumes_from_last_event_id() {
     let client = reqwest::Client::new();
     create(&client, &server, "s").await;
     for i in 0..3 {
-        append(&client, &server, "s", serde_json::json!({"i": i, "text": "line one\nline two"})).await;
+        append(
+            &client,
+            &server,
+            "s",
+            serde_json::json!({"i": i, "text": "line one\nline two"}),
+        )
+        .await;
     }
     let response = client
         .get(format!("{}/v1/sessions/s/tail", server.url()))
@@ -229,7 +273,10 @@ async fn sse_tail_replays_follows_and_resumes_from_last_event_id() {
         .await
         .expect("sse");
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut stream = response.bytes_stream();
     let mut text = String::new();
     let mut writer_done = false;
@@ -250,10 +297,20 @@ async fn sse_tail_replays_follows_and_resumes_from_last_event_id() {
         }
         assert!(std::time::Instant::now() < deadline, "{text}");
     }
-    let ids: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
-    assert_eq!(ids, vec!["2", "3", "4"], "resumed after Last-Event-ID 1, then live: {text}");
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["2", "3", "4"],
+        "resumed after Last-Event-ID 1, then live: {text}"
+    );
     for message in text.split("\n\n").filter(|m| m.contains("data:")) {
-        let data: Vec<&str> = message.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        let data: Vec<&str> = message
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
         let event: serde_json::Value = serde_json::from_str(&data.join("\n")).expect("event json");
         assert!(event["seq"].as_u64().is_some());
     }
@@ -281,14 +338,47 @@ fn cli(server: &Server, args: &[&str]) -> std::process::Output {
 #[tokio::test]
 async fn cli_create_append_tail_round_trip_and_errors() {
     let server = Server::start(&[]).await;
-    let out = cli(&server, &["create", "--id", "cli", "--title", "t", "--metadata", r#"{"a":1}"#]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(
+        &server,
+        &[
+            "create",
+            "--id",
+            "cli",
+            "--title",
+            "t",
+            "--metadata",
+            r#"{"a":1}"#,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let session: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(session["id"], "cli");
     for i in 0..2 {
         let payload = format!(r#"{{"n": {i}}}"#);
-        let out = cli(&server, &["append", "cli", "--type", "content", "--actor", "user:1", "--payload", &payload, "--idempotency-key", &format!("k{i}")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = cli(
+            &server,
+            &[
+                "append",
+                "cli",
+                "--type",
+                "content",
+                "--actor",
+                "user:1",
+                "--payload",
+                &payload,
+                "--idempotency-key",
+                &format!("k{i}"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let ack: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(ack["seq"], i + 1);
     }
@@ -304,10 +394,26 @@ async fn cli_create_append_tail_round_trip_and_errors() {
     let out = cli(&server, &["create", "--id", "cli"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("session_exists"));
-    let out = cli(&server, &["append", "cli", "--type", "t", "--actor", "a", "--payload", "[1]"]);
+    let out = cli(
+        &server,
+        &[
+            "append",
+            "cli",
+            "--type",
+            "t",
+            "--actor",
+            "a",
+            "--payload",
+            "[1]",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2), "usage error");
     let out = std::process::Command::new(support::binary())
-        .args(["create", "--url", &format!("http://127.0.0.1:{}", support::free_port())])
+        .args([
+            "create",
+            "--url",
+            &format!("http://127.0.0.1:{}", support::free_port()),
+        ])
         .output()
         .expect("cli runs");
     assert_eq!(out.status.code(), Some(3), "unreachable server");
@@ -333,7 +439,11 @@ async fn cli_tail_follows_and_resumes_after_a_server_restart() {
         std::fs::read_to_string(&out_path)
             .unwrap_or_default()
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"].as_u64().expect("seq"))
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"]
+                    .as_u64()
+                    .expect("seq")
+            })
             .collect()
     };
     let wait_for = |n: usize| async move {
@@ -354,5 +464,9 @@ async fn cli_tail_follows_and_resumes_after_a_server_restart() {
     wait_for(4).await;
     let _ = tail.kill();
     let _ = tail.wait();
-    assert_eq!(read_seqs(), vec![1, 2, 3, 4], "every event once, in order, across the restart");
+    assert_eq!(
+        read_seqs(),
+        vec![1, 2, 3, 4],
+        "every event once, in order, across the restart"
+    );
 }

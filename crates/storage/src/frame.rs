@@ -82,7 +82,10 @@ mod tests {
             decode_frames(&buf, |b| seen.push(b.to_vec())),
             Ok(buf.len())
         );
-        assert_eq!(seen, vec![b"hello".to_vec(), b"".to_vec(), b"world".to_vec()]);
+        assert_eq!(
+            seen,
+            vec![b"hello".to_vec(), b"".to_vec(), b"world".to_vec()]
+        );
 
         let torn = &buf[..buf.len() - 2];
         let mut count = 0;

@@ -163,8 +163,7 @@ impl Wal {
     pub fn append(&self, body: &[u8], done: Durable) {
         let mut frame = Vec::with_capacity(body.len() + crate::FRAME_HEADER_LEN);
         encode_frame(body, &mut frame);
-        if let Err(mpsc::SendError(Msg::Append(_, done))) = self.tx.send(Msg::Append(frame, done))
-        {
+        if let Err(mpsc::SendError(Msg::Append(_, done))) = self.tx.send(Msg::Append(frame, done)) {
             done(Err(StorageError::Closed));
         }
     }
@@ -386,13 +385,18 @@ mod tests {
     fn records_survive_reopen_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
-        let bodies: Vec<Vec<u8>> = (0..200).map(|i| format!("record-{i:04}").into_bytes()).collect();
+        let bodies: Vec<Vec<u8>> = (0..200)
+            .map(|i| format!("record-{i:04}").into_bytes())
+            .collect();
         for b in &bodies {
             append_sync(&wal, b).unwrap();
         }
         assert!(wal.stats().fsyncs.load(Ordering::Relaxed) >= 1);
         wal.close();
-        assert!(list_segments(dir.path()).unwrap().len() > 1, "segments rolled");
+        assert!(
+            list_segments(dir.path()).unwrap().len() > 1,
+            "segments rolled"
+        );
         assert_eq!(replay(dir.path(), 0).unwrap(), bodies);
     }
 
@@ -418,7 +422,10 @@ mod tests {
             rx.recv().unwrap();
         }
         assert_eq!(*order.lock(), (0..500).collect::<Vec<_>>());
-        assert!(wal.stats().fsyncs.load(Ordering::Relaxed) < 500, "group commit merged fsyncs");
+        assert!(
+            wal.stats().fsyncs.load(Ordering::Relaxed) < 500,
+            "group commit merged fsyncs"
+        );
     }
 
     #[test]
@@ -433,7 +440,10 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap(); // half a header
         drop(f);
-        assert_eq!(replay(dir.path(), 0).unwrap(), vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(
+            replay(dir.path(), 0).unwrap(),
+            vec![b"one".to_vec(), b"two".to_vec()]
+        );
         let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
         append_sync(&wal, b"three").unwrap();
         wal.close();
@@ -474,7 +484,10 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[crate::FRAME_HEADER_LEN + 4 + 3] = 0x7f; // second record's length: huge
         std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(replay(dir.path(), 0), Err(StorageError::Corrupt { .. })));
+        assert!(matches!(
+            replay(dir.path(), 0),
+            Err(StorageError::Corrupt { .. })
+        ));
     }
 
     #[test]

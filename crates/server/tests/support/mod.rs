@@ -34,7 +34,10 @@ impl Server {
             dir,
             child: None,
             _temp: Some(temp),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         server.spawn().await;
         server
@@ -85,7 +88,11 @@ impl Server {
             .expect("http client");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(r) = client.get(format!("{}/health/ready", self.url())).send().await {
+            if let Ok(r) = client
+                .get(format!("{}/health/ready", self.url()))
+                .send()
+                .await
+            {
                 if r.status() == 200 {
                     return;
                 }
@@ -117,7 +124,10 @@ impl Server {
                 return status.code();
             }
             if Instant::now() > deadline {
-                panic!("server did not exit within {within:?}; log:\n{}", self.log());
+                panic!(
+                    "server did not exit within {within:?}; log:\n{}",
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -161,7 +171,12 @@ pub async fn create(client: &reqwest::Client, server: &Server, id: &str) {
     assert_eq!(r.status(), 201, "create {id}");
 }
 
-pub async fn append(client: &reqwest::Client, server: &Server, id: &str, payload: serde_json::Value) -> u64 {
+pub async fn append(
+    client: &reqwest::Client,
+    server: &Server,
+    id: &str,
+    payload: serde_json::Value,
+) -> u64 {
     let r = client
         .post(format!("{}/v1/sessions/{id}/append", server.url()))
         .json(&serde_json::json!({"type": "content", "actor": "agent:test", "payload": payload}))
