@@ -239,6 +239,37 @@ fn fingerprint(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any byte string gets an answer, never a panic; accepted payloads are objects kept
+        /// verbatim.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(req) = AppendRequest::parse(&body) {
+                prop_assert!(req.payload.starts_with("{"), "payload is an object");
+                prop_assert!(!req.event_type.is_empty() && !req.actor.is_empty());
+            }
+            let _ = CreateRequest::parse(&body);
+        }
+
+        #[test]
+        fn json_shaped_bodies_never_panic(
+            t in proptest::option::of(".{0,8}"),
+            payload in prop_oneof![Just("{}".to_string()), Just("[]".to_string()), "\\{\"[a-z]{1,4}\":[0-9]{1,3}\\}", Just("null".to_string())],
+            expected in proptest::option::of(-3i64..5),
+        ) {
+            let mut body = format!("{{\"actor\":\"a\",\"payload\":{payload}");
+            if let Some(t) = t { body.push_str(&format!(",\"type\":{}", serde_json::to_string(&t).unwrap())); }
+            if let Some(e) = expected { body.push_str(&format!(",\"expected_seq\":{e}")); }
+            body.push('}');
+            match AppendRequest::parse(body.as_bytes()) {
+                Ok(req) => prop_assert!(req.expected_seq.is_none_or(|e| e < 5)),
+                Err(ValidationError::Field(_)) | Err(ValidationError::Json(_)) => {}
+                Err(other) => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+    }
 
     fn field_err(body: &str) -> String {
         match AppendRequest::parse(body.as_bytes()) {
