@@ -1,0 +1,193 @@
+//! The archiver: on this node (the leader of every group on a single node), every flush
+//! interval, copy durable but unarchived events to the archive in large idempotent batches,
+//! then log an archive acknowledgement per session so every replica advances its archive mark
+//! (over a contiguous prefix only) and trims memory down to `keep_hot` archived events.
+//!
+//! It is never on the append path: appends and tails keep working while the archive is down;
+//! the archiver retries with exponential backoff and catches up when it returns. Inserts are
+//! idempotent, so a batch re-sent after a failure (or by a new leader) is harmless.
+
+use crate::{Archive, ArchiveError, ArchivedEvent, ArchivedSession};
+use starcite_cluster::{ArchiveBacklog, Node};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Events per round trip to the archive.
+pub const BATCH_EVENTS: usize = 5_000;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct ArchiverConfig {
+    pub flush_interval: Duration,
+    pub keep_hot: u64,
+}
+
+pub const PENDING_ROWS: &str = "starcite_archive_pending_rows";
+pub const PENDING_SESSIONS: &str = "starcite_archive_pending_sessions";
+pub const FLUSH_DURATION: &str = "starcite_archive_flush_duration_ms";
+pub const ATTEMPTED: &str = "starcite_archive_attempted_total";
+pub const INSERTED: &str = "starcite_archive_inserted_total";
+pub const BYTES_ATTEMPTED: &str = "starcite_archive_bytes_attempted_total";
+pub const BYTES_INSERTED: &str = "starcite_archive_bytes_inserted_total";
+pub const LAG: &str = "starcite_archive_lag";
+pub const TAIL_SIZE: &str = "starcite_archive_tail_size";
+pub const TRIMMED: &str = "starcite_archive_trimmed_total";
+pub const FAILURES: &str = "starcite_archive_failures_total";
+
+/// Registers every archive metric at zero so they are visible before the first flush.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(PENDING_ROWS, "Durable events not yet archived");
+    metrics::describe_gauge!(
+        PENDING_SESSIONS,
+        "Sessions with events or a header not yet archived"
+    );
+    metrics::describe_histogram!(
+        FLUSH_DURATION,
+        "Duration of one archive flush round trip, ms"
+    );
+    metrics::describe_counter!(ATTEMPTED, "Event rows sent to the archive");
+    metrics::describe_counter!(
+        INSERTED,
+        "Event rows the archive newly stored (re-sent rows are not counted)"
+    );
+    metrics::describe_counter!(BYTES_ATTEMPTED, "Event bytes sent to the archive");
+    metrics::describe_counter!(BYTES_INSERTED, "Event bytes the archive newly stored");
+    metrics::describe_gauge!(LAG, "Events behind: the most unarchived events of any one flush backlog (same unit as pending rows)");
+    metrics::describe_gauge!(TAIL_SIZE, "Events held hot in memory (archived or not)");
+    metrics::describe_counter!(TRIMMED, "Archived events dropped from memory");
+    metrics::describe_counter!(FAILURES, "Archive flushes that failed and will be retried");
+    for name in [
+        ATTEMPTED,
+        INSERTED,
+        BYTES_ATTEMPTED,
+        BYTES_INSERTED,
+        TRIMMED,
+        FAILURES,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for name in [PENDING_ROWS, PENDING_SESSIONS, LAG, TAIL_SIZE] {
+        metrics::gauge!(name).set(0.0);
+    }
+}
+
+fn record_lag(node: &Node) {
+    let lag = node.archive_lag();
+    metrics::gauge!(PENDING_ROWS).set(lag.pending_events as f64);
+    metrics::gauge!(PENDING_SESSIONS).set(lag.pending_sessions as f64);
+    metrics::gauge!(LAG).set(lag.pending_events as f64);
+    metrics::gauge!(TAIL_SIZE).set(lag.hot_events as f64);
+}
+
+/// Runs until `stop` turns true; then makes one last attempt to flush what is durable.
+pub async fn run(
+    node: Arc<Node>,
+    archive: Arc<Archive>,
+    config: ArchiverConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = config.flush_interval;
+    loop {
+        let wait = tokio::time::sleep(backoff);
+        tokio::select! {
+            _ = wait => {},
+            _ = stop.wait_for(|s| *s) => {
+                if let Err(e) = flush_all(&node, &archive, &config).await {
+                    tracing::warn!(error = %e, "final archive flush failed; the log still holds everything");
+                }
+                return;
+            }
+        }
+        match flush_all(&node, &archive, &config).await {
+            Ok(_) => backoff = config.flush_interval,
+            Err(e) => {
+                metrics::counter!(FAILURES).increment(1);
+                backoff = (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "archive flush failed; will retry");
+            }
+        }
+        record_lag(&node);
+    }
+}
+
+/// Flushes batches until nothing durable is left unarchived. Returns events archived.
+pub async fn flush_all(
+    node: &Node,
+    archive: &Archive,
+    config: &ArchiverConfig,
+) -> Result<u64, ArchiveError> {
+    let mut total = 0;
+    loop {
+        let backlog = node.archive_backlog(BATCH_EVENTS);
+        if backlog.is_empty() {
+            record_lag(node);
+            return Ok(total);
+        }
+        let full = backlog.event_count() >= BATCH_EVENTS;
+        total += flush_batch(node, archive, config, backlog).await?;
+        if !full {
+            record_lag(node);
+            return Ok(total);
+        }
+    }
+}
+
+async fn flush_batch(
+    node: &Node,
+    archive: &Archive,
+    config: &ArchiverConfig,
+    backlog: ArchiveBacklog,
+) -> Result<u64, ArchiveError> {
+    let started = Instant::now();
+    if !backlog.sessions.is_empty() {
+        let sessions: Vec<ArchivedSession> = backlog
+            .sessions
+            .iter()
+            .map(|v| ArchivedSession {
+                id: v.id.clone(),
+                title: v.title.clone(),
+                metadata: v.metadata.clone(),
+                created_at_millis: v.created_at.millis(),
+            })
+            .collect();
+        archive.upsert_sessions(&sessions).await?;
+    }
+    let events: Vec<ArchivedEvent> = backlog
+        .runs
+        .iter()
+        .flat_map(|run| {
+            run.events
+                .iter()
+                .enumerate()
+                .map(|(i, frame)| ArchivedEvent {
+                    session_id: run.session_id.clone(),
+                    seq: run.first_seq + i as u64,
+                    frame: frame.clone(),
+                })
+        })
+        .collect();
+    let count = events.len() as u64;
+    if !events.is_empty() {
+        let stats = archive.insert_events(&events).await?;
+        metrics::counter!(ATTEMPTED).increment(stats.attempted);
+        metrics::counter!(INSERTED).increment(stats.inserted);
+        metrics::counter!(BYTES_ATTEMPTED).increment(stats.bytes_attempted);
+        metrics::counter!(BYTES_INSERTED).increment(stats.bytes_inserted);
+    }
+    metrics::histogram!(FLUSH_DURATION).record(started.elapsed().as_secs_f64() * 1000.0);
+    node.headers_archived(&backlog.sessions);
+    for run in &backlog.runs {
+        match node
+            .acknowledge_archived(&run.session_id, run.last_seq(), config.keep_hot)
+            .await
+        {
+            Ok(trimmed) => metrics::counter!(TRIMMED).increment(trimmed),
+            // The rows are in the archive; the mark advances on the next round.
+            Err(e) => {
+                tracing::warn!(session = %run.session_id, error = %e, "archive acknowledgement not logged")
+            }
+        }
+    }
+    Ok(count)
+}

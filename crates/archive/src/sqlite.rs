@@ -1,0 +1,216 @@
+//! Embedded SQLite backend: the archive of the default, no-external-service deployment.
+//! WAL journal with `synchronous=FULL`, so an archived batch is on disk before memory is
+//! trimmed.
+
+use crate::{
+    frame_fields, max_seq_per_session, ArchiveError, ArchivedEvent, ArchivedSession, InsertStats,
+};
+use bytes::Bytes;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use std::path::Path;
+use std::time::Duration;
+
+/// Rows per INSERT statement (11 bound values each, well under SQLite's variable limit).
+const ROWS_PER_STATEMENT: usize = 500;
+
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS sessions (
+        id TEXT PRIMARY KEY,
+        title TEXT,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        archived_seq INTEGER NOT NULL DEFAULT 0
+    )",
+    "CREATE TABLE IF NOT EXISTS events (
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        source TEXT,
+        metadata TEXT NOT NULL,
+        refs TEXT NOT NULL,
+        idempotency_key TEXT,
+        inserted_at TEXT NOT NULL,
+        frame TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID",
+];
+
+pub struct SqliteArchive {
+    pool: SqlitePool,
+}
+
+fn rfc3339_millis(millis: i64) -> String {
+    // Reuse SQLite's own formatting so the column reads like the frame's timestamps.
+    let secs = millis.div_euclid(1000);
+    let ms = millis.rem_euclid(1000);
+    format!("{secs}.{ms:03}")
+}
+
+impl SqliteArchive {
+    pub async fn open(path: &Path) -> Result<Self, ArchiveError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        for statement in MIGRATIONS {
+            sqlx::query(statement).execute(&pool).await?;
+        }
+        Ok(SqliteArchive { pool })
+    }
+
+    pub async fn upsert_sessions(&self, sessions: &[ArchivedSession]) -> Result<(), ArchiveError> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in sessions.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT OR IGNORE INTO sessions (id, title, metadata, created_at) ",
+            );
+            q.push_values(chunk, |mut row, s| {
+                row.push_bind(&s.id)
+                    .push_bind(&s.title)
+                    .push_bind(&s.metadata)
+                    .push("strftime('%Y-%m-%dT%H:%M:%fZ', ")
+                    .push_bind_unseparated(rfc3339_millis(s.created_at_millis))
+                    .push_unseparated(", 'unixepoch')");
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn insert_events(
+        &self,
+        events: &[ArchivedEvent],
+    ) -> Result<InsertStats, ArchiveError> {
+        let mut stats = InsertStats {
+            attempted: events.len() as u64,
+            ..Default::default()
+        };
+        let mut tx = self.pool.begin().await?;
+        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            let mut parsed = Vec::with_capacity(chunk.len());
+            for event in chunk {
+                let frame = std::str::from_utf8(&event.frame)
+                    .map_err(|e| ArchiveError::BadFrame(e.to_string()))?;
+                stats.bytes_attempted += frame.len() as u64;
+                parsed.push((event, frame_fields(event)?, frame));
+            }
+            // Which rows are new, so that inserted bytes are counted exactly.
+            let mut existing: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT session_id, seq FROM events WHERE (session_id, seq) IN (",
+            );
+            let mut sep = existing.separated(", ");
+            for (event, _, _) in &parsed {
+                sep.push("(")
+                    .push_bind_unseparated(&event.session_id)
+                    .push_unseparated(", ")
+                    .push_bind_unseparated(event.seq as i64)
+                    .push_unseparated(")");
+            }
+            existing.push(")");
+            let present: std::collections::HashSet<(String, i64)> = existing
+                .build()
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
+                .collect::<Result<_, sqlx::Error>>()?;
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT OR IGNORE INTO events (session_id, seq, type, payload, actor, source, metadata, refs, idempotency_key, inserted_at, frame) ",
+            );
+            q.push_values(&parsed, |mut row, (event, f, frame)| {
+                row.push_bind(&event.session_id)
+                    .push_bind(event.seq as i64)
+                    .push_bind(&f.event_type)
+                    .push_bind(f.payload.get())
+                    .push_bind(&f.actor)
+                    .push_bind(&f.source)
+                    .push_bind(f.metadata.get())
+                    .push_bind(f.refs.get())
+                    .push_bind(&f.idempotency_key)
+                    .push_bind(&f.inserted_at)
+                    .push_bind(*frame);
+            });
+            let done = q.build().execute(&mut *tx).await?;
+            stats.inserted += done.rows_affected();
+            stats.bytes_inserted += parsed
+                .iter()
+                .filter(|(e, _, _)| !present.contains(&(e.session_id.clone(), e.seq as i64)))
+                .map(|(_, _, frame)| frame.len() as u64)
+                .sum::<u64>();
+        }
+        for (id, max) in max_seq_per_session(events) {
+            sqlx::query("UPDATE sessions SET archived_seq = max(archived_seq, ?) WHERE id = ?")
+                .bind(max)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(stats)
+    }
+
+    pub async fn read_events(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, ArchiveError> {
+        let rows = sqlx::query(
+            "SELECT frame FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(session_id)
+        .bind(after_seq as i64)
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                r.try_get::<String, _>("frame")
+                    .map(Bytes::from)
+                    .map_err(Into::into)
+            })
+            .collect()
+    }
+
+    pub async fn contiguous_seq(&self, session_id: &str) -> Result<u64, ArchiveError> {
+        let row = sqlx::query(
+            "SELECT coalesce(min(e.seq), 0) AS s FROM events e
+             WHERE e.session_id = ?1
+               AND NOT EXISTS (SELECT 1 FROM events n WHERE n.session_id = e.session_id AND n.seq = e.seq + 1)
+               AND EXISTS (SELECT 1 FROM events o WHERE o.session_id = ?1 AND o.seq = 1)",
+        )
+        .bind(session_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("s")? as u64)
+    }
+
+    pub async fn archived_seq(&self, session_id: &str) -> Result<u64, ArchiveError> {
+        let row = sqlx::query("SELECT archived_seq FROM sessions WHERE id = ?")
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<i64, _>("archived_seq")? as u64,
+            None => 0,
+        })
+    }
+
+    pub async fn health(&self) -> Result<(), ArchiveError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

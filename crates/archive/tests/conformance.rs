@@ -1,0 +1,286 @@
+//! One conformance suite, run against both archive backends: a real PostgreSQL and a real
+//! SQLite file.
+
+mod support;
+
+use bytes::Bytes;
+use sqlx::Row;
+use starcite_archive::{Archive, ArchivedEvent, ArchivedSession};
+use starcite_core::{render_event, EventFields, Timestamp};
+
+fn frame(seq: u64, payload: &str, key: Option<&str>, source: Option<&str>) -> Bytes {
+    Bytes::from(render_event(&EventFields {
+        seq,
+        event_type: "content",
+        payload,
+        actor: "agent:test",
+        source,
+        metadata: r#"{"m": 1}"#,
+        refs: r#"{"to_seq": 1}"#,
+        idempotency_key: key,
+        inserted_at: Timestamp(1_770_562_801_123 + seq as i64),
+    }))
+}
+
+fn events(session: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<ArchivedEvent> {
+    seqs.into_iter()
+        .map(|seq| ArchivedEvent {
+            session_id: session.to_owned(),
+            seq,
+            frame: frame(seq, &format!(r#"{{"n": {seq}}}"#), None, None),
+        })
+        .collect()
+}
+
+fn session(id: &str) -> ArchivedSession {
+    ArchivedSession {
+        id: id.to_owned(),
+        title: Some("T".into()),
+        metadata: r#"{"tenant":"acme"}"#.into(),
+        created_at_millis: 1_770_562_801_123,
+    }
+}
+
+/// The backend-independent part of the suite.
+async fn conformance(archive: &Archive) {
+    archive.health().await.expect("healthy");
+    archive
+        .upsert_sessions(&[session("a"), session("b")])
+        .await
+        .expect("sessions");
+    archive
+        .upsert_sessions(&[session("a")])
+        .await
+        .expect("upsert twice is fine");
+
+    // Idempotent inserts.
+    let batch = events("a", 1..=3);
+    let stats = archive.insert_events(&batch).await.expect("insert");
+    assert_eq!((stats.attempted, stats.inserted), (3, 3));
+    assert_eq!(stats.bytes_attempted, stats.bytes_inserted);
+    let again = archive.insert_events(&batch).await.expect("re-insert");
+    assert_eq!(
+        (again.attempted, again.inserted, again.bytes_inserted),
+        (3, 0, 0)
+    );
+    assert_eq!(archive.archived_seq("a").await.unwrap(), 3);
+
+    // Byte-exact frames, odd JSON included.
+    let odd =
+        r#"{"b": 1,  "a": [1, 2.50, 1e3, 12345678901234567890], "u": "\u00e9 ✓ \"q\" \n \u0000"}"#;
+    let special = ArchivedEvent {
+        session_id: "a".into(),
+        seq: 4,
+        frame: frame(4, odd, Some("key-4"), Some("agent")),
+    };
+    archive
+        .insert_events(&[special.clone()])
+        .await
+        .expect("odd payload archived");
+    let read = archive.read_events("a", 0, 100).await.expect("read");
+    assert_eq!(read.len(), 4);
+    assert_eq!(read[3], special.frame, "returned byte-for-byte");
+    assert_eq!(read[0], batch[0].frame);
+
+    // Pagination.
+    archive.insert_events(&events("a", 5..=20)).await.unwrap();
+    let page = archive.read_events("a", 5, 10).await.unwrap();
+    let seqs: Vec<u64> = page
+        .iter()
+        .map(|f| {
+            serde_json::from_slice::<serde_json::Value>(f).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (6..=15).collect::<Vec<_>>());
+    assert!(archive.read_events("a", 20, 10).await.unwrap().is_empty());
+    assert!(archive
+        .read_events("nobody", 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Holes: the contiguous prefix stops at the first missing seq.
+    archive
+        .insert_events(&events("b", [1, 2, 3, 5]))
+        .await
+        .unwrap();
+    assert_eq!(archive.contiguous_seq("b").await.unwrap(), 3);
+    archive.insert_events(&events("b", [4])).await.unwrap();
+    assert_eq!(archive.contiguous_seq("b").await.unwrap(), 5);
+    assert_eq!(archive.contiguous_seq("nobody").await.unwrap(), 0);
+    archive.upsert_sessions(&[session("c")]).await.unwrap();
+    archive.insert_events(&events("c", [2, 3])).await.unwrap();
+    assert_eq!(
+        archive.contiguous_seq("c").await.unwrap(),
+        0,
+        "seq 1 missing"
+    );
+
+    // A large batch in one call.
+    archive.upsert_sessions(&[session("big")]).await.unwrap();
+    let big = events("big", 1..=20_000);
+    let stats = archive.insert_events(&big).await.expect("large batch");
+    assert_eq!(stats.inserted, 20_000);
+    assert_eq!(archive.contiguous_seq("big").await.unwrap(), 20_000);
+    assert_eq!(archive.archived_seq("big").await.unwrap(), 20_000);
+    let tail = archive.read_events("big", 19_990, 100).await.unwrap();
+    assert_eq!(tail.len(), 10);
+    assert_eq!(tail[9], big[19_999].frame);
+
+    // A frame filed under the wrong seq is refused, not stored.
+    let wrong = ArchivedEvent {
+        session_id: "a".into(),
+        seq: 99,
+        frame: frame(98, "{}", None, None),
+    };
+    assert!(archive.insert_events(&[wrong]).await.is_err());
+}
+
+#[tokio::test]
+async fn sqlite_backend_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("archive.sqlite3");
+    let archive = Archive::open_sqlite(&path).await.expect("open sqlite");
+    assert_eq!(archive.kind(), "sqlite");
+    conformance(&archive).await;
+    drop(archive);
+
+    // Every field has its own column.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let row = sqlx::query("SELECT * FROM events WHERE session_id = 'a' AND seq = 4")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(row.get::<String, _>("type"), "content");
+    assert_eq!(row.get::<String, _>("actor"), "agent:test");
+    assert_eq!(
+        row.get::<Option<String>, _>("source").as_deref(),
+        Some("agent")
+    );
+    assert_eq!(
+        row.get::<Option<String>, _>("idempotency_key").as_deref(),
+        Some("key-4")
+    );
+    assert_eq!(row.get::<String, _>("metadata"), r#"{"m": 1}"#);
+    assert_eq!(row.get::<String, _>("refs"), r#"{"to_seq": 1}"#);
+    assert_eq!(
+        row.get::<String, _>("inserted_at"),
+        "2026-02-08T15:00:01.127Z"
+    );
+    let sessions = sqlx::query("SELECT * FROM sessions WHERE id = 'a'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        sessions.get::<String, _>("created_at"),
+        "2026-02-08T15:00:01.123Z"
+    );
+    assert_eq!(sessions.get::<i64, _>("archived_seq"), 20);
+    let history: Vec<i64> =
+        sqlx::query("SELECT seq FROM events WHERE session_id = 'a' ORDER BY seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    assert_eq!(history, (1..=20).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn postgres_backend_conforms() {
+    let pg = support::Postgres::start().await;
+    let archive = Archive::connect_postgres(&pg.url, 4)
+        .await
+        .expect("connect postgres");
+    assert_eq!(archive.kind(), "postgres");
+    conformance(&archive).await;
+    // Migrations are idempotent: a second node (or a restart) connects fine.
+    Archive::connect_postgres(&pg.url, 2)
+        .await
+        .expect("migrate twice");
+
+    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let rows = sqlx::query("SELECT * FROM events WHERE session_id = $1 ORDER BY seq")
+        .bind("a")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 20, "full history, once each");
+    let seqs: Vec<i64> = rows.iter().map(|r| r.get("seq")).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    let row = &rows[3];
+    assert_eq!(row.get::<String, _>("type"), "content");
+    assert_eq!(
+        row.get::<Option<String>, _>("source").as_deref(),
+        Some("agent")
+    );
+    assert_eq!(
+        row.get::<Option<String>, _>("idempotency_key").as_deref(),
+        Some("key-4")
+    );
+    let typed = sqlx::query(
+        "SELECT payload->>'b' AS b, jsonb_typeof(payload) AS kind, metadata->>'m' AS m,
+                refs->>'to_seq' AS to_seq, to_char(inserted_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS') AS ts
+         FROM events WHERE session_id = 'a' AND seq = 4",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(typed.get::<String, _>("kind"), "object", "payload is jsonb");
+    assert_eq!(typed.get::<String, _>("b"), "1");
+    assert_eq!(typed.get::<String, _>("m"), "1");
+    assert_eq!(typed.get::<String, _>("to_seq"), "1");
+    assert_eq!(typed.get::<String, _>("ts"), "2026-02-08T15:00:01.127");
+    let s = sqlx::query(
+        "SELECT title, metadata->>'tenant' AS tenant, archived_seq FROM sessions WHERE id = 'a'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(s.get::<Option<String>, _>("title").as_deref(), Some("T"));
+    assert_eq!(s.get::<String, _>("tenant"), "acme");
+    assert_eq!(s.get::<i64, _>("archived_seq"), 20);
+}
+
+#[tokio::test]
+async fn postgres_outage_fails_fast_and_recovers() {
+    let pg = support::Postgres::start().await;
+    if !pg.can_stop() {
+        // With an external DATABASE_URL the test cannot stop the server; the throwaway-cluster
+        // path (the default in CI) runs it.
+        eprintln!("DATABASE_URL is set: outage test runs against the throwaway cluster only");
+        return;
+    }
+    let archive = Archive::connect_postgres(&pg.url, 2)
+        .await
+        .expect("connect");
+    archive.upsert_sessions(&[session("o")]).await.unwrap();
+    archive.insert_events(&events("o", 1..=10)).await.unwrap();
+    pg.stop();
+    let started = std::time::Instant::now();
+    let err = archive.insert_events(&events("o", 11..=20)).await;
+    assert!(err.is_err(), "insert must fail while Postgres is down");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "fails fast, no hang"
+    );
+    pg.restart();
+    let mut stats = None;
+    for _ in 0..50 {
+        match archive.insert_events(&events("o", 11..=20)).await {
+            Ok(s) => {
+                stats = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+    let stats = stats.expect("inserts work again after Postgres returns");
+    assert_eq!(stats.inserted, 10);
+    assert_eq!(archive.contiguous_seq("o").await.unwrap(), 20);
+}
