@@ -74,7 +74,7 @@ async fn conformance(archive: &Archive) {
         frame: frame(4, odd, Some("key-4"), Some("agent")),
     };
     archive
-        .insert_events(&[special.clone()])
+        .insert_events(std::slice::from_ref(&special))
         .await
         .expect("odd payload archived");
     let read = archive.read_events("a", 0, 100).await.expect("read");
