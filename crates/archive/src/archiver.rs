@@ -80,6 +80,11 @@ fn record_lag(node: &Node) {
     metrics::gauge!(TAIL_SIZE).set(lag.hot_events as f64);
 }
 
+/// Resolves once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// Runs until `stop` turns true; then makes one last attempt to flush what is durable.
 pub async fn run(
     node: Arc<Node>,
@@ -92,7 +97,7 @@ pub async fn run(
         let wait = tokio::time::sleep(backoff);
         tokio::select! {
             _ = wait => {},
-            _ = stop.wait_for(|s| *s) => {
+            _ = stopped(&mut stop) => {
                 if let Err(e) = flush_all(&node, &archive, &config).await {
                     tracing::warn!(error = %e, "final archive flush failed; the log still holds everything");
                 }

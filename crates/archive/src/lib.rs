@@ -7,11 +7,14 @@
 //! the archive is byte-for-byte the replay from memory.
 
 mod archiver;
+
+/// The flush-duration histogram's name, for callers that configure its buckets.
+pub const FLUSH_DURATION_METRIC: &str = archiver::FLUSH_DURATION;
 mod postgres;
 mod sqlite;
 
 pub use archiver::{
-    describe_metrics, flush_all, run as run_archiver, ArchiverConfig, BATCH_EVENTS,
+    describe_metrics, flush_all, run as run_archiver, stopped, ArchiverConfig, BATCH_EVENTS,
 };
 
 use bytes::Bytes;

@@ -27,6 +27,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Upgraded WebSocket tails outlive their HTTP connection; shutdown waits for them here.
     pub tails: crate::listener::ConnectionTracker,
+    /// The cold archive, once connected.
+    pub archive: Arc<OnceLock<Arc<starcite_archive::Archive>>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -36,6 +38,14 @@ impl AppState {
         self.node
             .get()
             .ok_or_else(|| ApiError::unavailable("the node is still starting up"))
+    }
+
+    /// Reads events across memory and the archive.
+    pub fn reader(&self) -> Result<crate::reader::EventReader, ApiError> {
+        Ok(crate::reader::EventReader {
+            node: self.node()?.clone(),
+            archive: self.archive.clone(),
+        })
     }
 }
 
@@ -265,7 +275,7 @@ pub(crate) async fn list_events(
     let session_id = path_session(&id)?;
     // Subscribing waits until the session is durably known, like every other read.
     node.subscribe(session_id).await?;
-    let events = node.read_events(session_id, cursor, limit)?;
+    let events = state.reader()?.read(session_id, cursor, limit).await?;
     let next_cursor = cursor + events.len() as u64;
     let mut body = Vec::with_capacity(events.iter().map(|e| e.len() + 1).sum::<usize>() + 32);
     body.extend_from_slice(b"{\"events\":[");
@@ -340,6 +350,7 @@ mod tests {
             metrics: None,
             shutdown,
             tails: Default::default(),
+            archive: Default::default(),
         })
     }
 

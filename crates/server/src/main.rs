@@ -7,6 +7,7 @@ mod error;
 mod listener;
 mod metrics;
 mod openapi;
+mod reader;
 mod tail;
 
 use clap::{Parser, Subcommand};
@@ -107,12 +108,6 @@ fn serve(mut config: ServeConfig) -> ExitCode {
 }
 
 async fn run(config: ServeConfig) -> Result<(), String> {
-    if config.database_url.is_some() {
-        tracing::warn!(
-            "DATABASE_URL is set, but this build has no cold archive yet: \
-             every event stays in the node's own log and memory"
-        );
-    }
     let metrics = metrics::install().map_err(|e| format!("cannot set up metrics: {e}"))?;
     let addr = std::net::SocketAddr::new(config.bind, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -125,6 +120,7 @@ async fn run(config: ServeConfig) -> Result<(), String> {
         metrics: Some(metrics.clone()),
         shutdown: shutdown_rx,
         tails: Default::default(),
+        archive: Default::default(),
     });
 
     let upkeep = tokio::spawn(async move {
@@ -168,6 +164,13 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     tracing::info!("ready");
 
     let snapshots = spawn_snapshotter(node.clone());
+    let (archiver_stop, archiver_stopped) = tokio::sync::watch::channel(false);
+    let archiver = tokio::spawn(archive_loop(
+        config.clone(),
+        node.clone(),
+        state.archive.clone(),
+        archiver_stopped,
+    ));
 
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -180,10 +183,64 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
         tracing::warn!("connections still open after the grace period; closing them");
     }
+    // One last archive flush, bounded: everything is in the log anyway.
+    let _ = archiver_stop.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, archiver)
+        .await
+        .is_err()
+    {
+        tracing::warn!("archive flush did not finish in time; the log still holds everything");
+    }
     upkeep.abort();
     snapshots.stop();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connects the archive (retrying with backoff: the node serves appends and tails meanwhile),
+/// then runs the write-behind archiver until shutdown.
+async fn archive_loop(
+    config: ServeConfig,
+    node: Arc<Node>,
+    slot: Arc<OnceLock<Arc<starcite_archive::Archive>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    starcite_archive::describe_metrics();
+    let mut backoff = Duration::from_millis(200);
+    let archive = loop {
+        let opened = match &config.database_url {
+            Some(url) => {
+                starcite_archive::Archive::connect_postgres(url, config.db_pool_size).await
+            }
+            None => {
+                starcite_archive::Archive::open_sqlite(&config.data_dir.join("archive.sqlite3"))
+                    .await
+            }
+        };
+        match opened {
+            Ok(archive) => break Arc::new(archive),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "archive not available yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {},
+                    _ = starcite_archive::stopped(&mut stop) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    tracing::info!(kind = archive.kind(), "archive connected");
+    let _ = slot.set(archive.clone());
+    starcite_archive::run_archiver(
+        node,
+        archive,
+        starcite_archive::ArchiverConfig {
+            flush_interval: Duration::from_millis(config.archive_flush_interval_ms),
+            keep_hot: config.tail_keep,
+        },
+        stop,
+    )
+    .await;
 }
 
 struct Snapshotter {

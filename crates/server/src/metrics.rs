@@ -18,6 +18,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
     10.0,
 ];
+const MILLISECOND_BUCKETS: &[f64] = &[
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
 const BYTE_BUCKETS: &[f64] = &[
     64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
 ];
@@ -27,6 +30,12 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .set_buckets_for_metric(Matcher::Full(APPEND_LATENCY.into()), LATENCY_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HTTP_LATENCY.into()), LATENCY_BUCKETS))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PAYLOAD_BYTES.into()), BYTE_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(starcite_archive::FLUSH_DURATION_METRIC.into()),
+                MILLISECOND_BUCKETS,
+            )
+        })
         .map_err(|e| e.to_string())?;
     let handle = builder.install_recorder().map_err(|e| e.to_string())?;
     metrics::describe_counter!(APPEND_TOTAL, "Events appended (acknowledged, not deduped)");

@@ -8,6 +8,7 @@
 use crate::app::{path_session, SharedState};
 use crate::error::ApiError;
 use crate::metrics as m;
+use crate::reader::EventReader;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
@@ -16,10 +17,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use starcite_cluster::Node;
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -99,6 +98,7 @@ pub async fn tail(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let node = state.node()?.clone();
+    let reader = state.reader()?;
     let cursor = parse_cursor(query.as_deref())?;
     let session_id = path_session(&id)?.to_owned();
     let durable = node.subscribe(&session_id).await?;
@@ -109,7 +109,7 @@ pub async fn tail(
             Ok(upgrade.on_upgrade(move |socket| async move {
                 let _tracked = state.tails.enter();
                 metrics::gauge!(m::TAILS_ACTIVE).increment(1.0);
-                ws_tail(socket, state, node, session_id, cursor, durable).await;
+                ws_tail(socket, state, reader, session_id, cursor, durable).await;
                 metrics::gauge!(m::TAILS_ACTIVE).decrement(1.0);
             }))
         }
@@ -123,7 +123,7 @@ pub async fn tail(
                     })?,
                 },
             };
-            Ok(sse_tail(state, node, session_id, cursor, durable))
+            Ok(sse_tail(state, reader, session_id, cursor, durable))
         }
         Err(rejection) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -143,7 +143,7 @@ enum WsEnd {
 async fn ws_tail(
     socket: WebSocket,
     state: SharedState,
-    node: Arc<Node>,
+    reader: EventReader,
     session_id: String,
     mut cursor: u64,
     mut durable: watch::Receiver<u64>,
@@ -153,7 +153,7 @@ async fn ws_tail(
     let (mut sink, mut inbound) = socket.split();
     // Inbound frames are ignored; reading them keeps pings answered and notices a close.
     let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
-    let reader = tokio::spawn(async move {
+    let inbound_task = tokio::spawn(async move {
         while let Some(Ok(msg)) = inbound.next().await {
             if matches!(msg, Message::Close(_)) {
                 break;
@@ -168,9 +168,9 @@ async fn ws_tail(
             if *shutdown.borrow() {
                 break 'outer WsEnd::Shutdown;
             }
-            let batch = match node.read_events(&session_id, cursor, BATCH) {
+            let batch = match reader.read(&session_id, cursor, BATCH).await {
                 Ok(batch) => batch,
-                Err(e) => break 'outer WsEnd::Failed(e.to_string()),
+                Err(e) => break 'outer WsEnd::Failed(e.message),
             };
             if batch.is_empty() {
                 break;
@@ -262,11 +262,11 @@ async fn ws_tail(
         })
         .await;
     }
-    reader.abort();
+    inbound_task.abort();
 }
 
 struct SseState {
-    node: Arc<Node>,
+    reader: EventReader,
     session_id: String,
     cursor: u64,
     durable: watch::Receiver<u64>,
@@ -277,13 +277,13 @@ struct SseState {
 
 fn sse_tail(
     state: SharedState,
-    node: Arc<Node>,
+    reader: EventReader,
     session_id: String,
     cursor: u64,
     durable: watch::Receiver<u64>,
 ) -> Response {
     let start = SseState {
-        node,
+        reader,
         session_id,
         cursor,
         durable,
@@ -303,7 +303,7 @@ fn sse_tail(
                 metrics::counter!(m::TAIL_EVENTS_SENT).increment(1);
                 return Some((Ok::<Event, Infallible>(sse), st));
             }
-            match st.node.read_events(&st.session_id, st.cursor, BATCH) {
+            match st.reader.read(&st.session_id, st.cursor, BATCH).await {
                 Ok(batch) if !batch.is_empty() => st.buffered.extend(batch),
                 Ok(_) => {
                     tokio::select! {
@@ -313,7 +313,7 @@ fn sse_tail(
                 }
                 Err(e) => {
                     st.done = true;
-                    let msg = serde_json::json!({"error": "unavailable", "message": e.to_string()});
+                    let msg = serde_json::json!({"error": e.code, "message": e.message});
                     return Some((
                         Ok(Event::default().event("error").data(msg.to_string())),
                         st,

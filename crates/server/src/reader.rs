@@ -1,0 +1,102 @@
+//! One way to read a session's events, whichever tier holds them: memory for recent events,
+//! the archive for events that left memory. Every read checks that it got exactly the seqs it
+//! asked for, so a hole in a tier is an error, never a silent skip.
+
+use crate::error::ApiError;
+use bytes::Bytes;
+use starcite_archive::Archive;
+use starcite_cluster::{Node, NodeError};
+use std::sync::{Arc, OnceLock};
+
+#[derive(Clone)]
+pub struct EventReader {
+    pub node: Arc<Node>,
+    /// Set once the archive is connected (it may come up after the node).
+    pub archive: Arc<OnceLock<Arc<Archive>>>,
+}
+
+/// The seq at the start of a stored frame (`{"seq":N,…`).
+pub fn frame_seq(frame: &[u8]) -> Option<u64> {
+    let rest = frame.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+impl EventReader {
+    /// Up to `limit` events with `seq > after`, oldest first, contiguous from `after + 1`,
+    /// filled across tiers (an archive part is followed by the memory part in one call).
+    pub async fn read(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, ApiError> {
+        let mut out = self.read_one_tier(session_id, after, limit).await?;
+        while !out.is_empty() && out.len() < limit {
+            let next_after = after + out.len() as u64;
+            let more = self
+                .read_one_tier(session_id, next_after, limit - out.len())
+                .await?;
+            if more.is_empty() {
+                break;
+            }
+            out.extend(more);
+        }
+        Ok(out)
+    }
+
+    async fn read_one_tier(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, ApiError> {
+        match self.node.read_events(session_id, after, limit) {
+            Ok(events) => Ok(events),
+            Err(NodeError::Trimmed { first_hot, .. }) => {
+                let archive = self.archive.get().ok_or_else(|| {
+                    ApiError::unavailable(format!(
+                        "events {}..{} are only in the archive, which is not connected yet",
+                        after + 1,
+                        first_hot - 1
+                    ))
+                })?;
+                let want = ((first_hot - 1 - after) as usize).min(limit);
+                let frames = archive
+                    .read_events(session_id, after, want)
+                    .await
+                    .map_err(|e| ApiError::unavailable(format!("archive read failed: {e}")))?;
+                for (i, frame) in frames.iter().enumerate() {
+                    let expected = after + 1 + i as u64;
+                    if frame_seq(frame) != Some(expected) {
+                        return Err(ApiError::unavailable(format!(
+                            "the archive is missing event {expected} of session {session_id}"
+                        )));
+                    }
+                }
+                if frames.len() < want {
+                    return Err(ApiError::unavailable(format!(
+                        "the archive is missing events {}..{} of session {session_id}",
+                        after + 1 + frames.len() as u64,
+                        first_hot - 1
+                    )));
+                }
+                Ok(frames)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame_seq;
+
+    #[test]
+    fn reads_the_seq_of_a_frame() {
+        assert_eq!(frame_seq(br#"{"seq":42,"type":"t"}"#), Some(42));
+        assert_eq!(frame_seq(br#"{"seq":1}"#), Some(1));
+        assert_eq!(frame_seq(br#"{"type":"t","seq":1}"#), None);
+        assert_eq!(frame_seq(b""), None);
+    }
+}
