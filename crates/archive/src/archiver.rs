@@ -72,7 +72,8 @@ pub fn describe_metrics() {
     }
 }
 
-fn record_lag(node: &Node) {
+/// Sets the lag gauges from the node's current state (called at scrape time, so never stale).
+pub fn record_lag(node: &Node) {
     let lag = node.archive_lag();
     metrics::gauge!(PENDING_ROWS).set(lag.pending_events as f64);
     metrics::gauge!(PENDING_SESSIONS).set(lag.pending_sessions as f64);
@@ -112,7 +113,6 @@ pub async fn run(
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "archive flush failed; will retry");
             }
         }
-        record_lag(&node);
     }
 }
 
@@ -126,13 +126,11 @@ pub async fn flush_all(
     loop {
         let backlog = node.archive_backlog(BATCH_EVENTS);
         if backlog.is_empty() {
-            record_lag(node);
             return Ok(total);
         }
         let full = backlog.event_count() >= BATCH_EVENTS;
         total += flush_batch(node, archive, config, backlog).await?;
         if !full {
-            record_lag(node);
             return Ok(total);
         }
     }

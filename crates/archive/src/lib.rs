@@ -14,7 +14,8 @@ mod postgres;
 mod sqlite;
 
 pub use archiver::{
-    describe_metrics, flush_all, run as run_archiver, stopped, ArchiverConfig, BATCH_EVENTS,
+    describe_metrics, flush_all, record_lag, run as run_archiver, stopped, ArchiverConfig,
+    BATCH_EVENTS,
 };
 
 use bytes::Bytes;

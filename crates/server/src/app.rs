@@ -314,6 +314,7 @@ pub(crate) async fn ready(State(state): State<SharedState>) -> Response {
 pub(crate) async fn metrics_text(State(state): State<SharedState>) -> Response {
     if let Some(node) = state.node.get() {
         m::record_node_stats(&node.stats());
+        starcite_archive::record_lag(node);
     }
     match &state.metrics {
         Some(handle) => (

@@ -15,6 +15,35 @@ pub struct EventReader {
     pub archive: Arc<OnceLock<Arc<Archive>>>,
 }
 
+/// Why a read failed. `ArchiveDown` is transient (a tail waits and retries); the others are
+/// answers.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The archive could not be reached; the events exist and can be read later.
+    ArchiveDown(String),
+    /// The events should be in the archive and are not: a hole that must not be skipped.
+    Missing(String),
+    Api(ApiError),
+}
+
+impl From<ReadError> for ApiError {
+    fn from(err: ReadError) -> ApiError {
+        match err {
+            ReadError::ArchiveDown(m) | ReadError::Missing(m) => ApiError::unavailable(m),
+            ReadError::Api(e) => e,
+        }
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::ArchiveDown(m) | ReadError::Missing(m) => f.write_str(m),
+            ReadError::Api(e) => f.write_str(&e.message),
+        }
+    }
+}
+
 /// The seq at the start of a stored frame (`{"seq":N,…`).
 pub fn frame_seq(frame: &[u8]) -> Option<u64> {
     let rest = frame.strip_prefix(b"{\"seq\":")?;
@@ -30,7 +59,7 @@ impl EventReader {
         session_id: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Bytes>, ApiError> {
+    ) -> Result<Vec<Bytes>, ReadError> {
         let mut out = self.read_one_tier(session_id, after, limit).await?;
         while !out.is_empty() && out.len() < limit {
             let next_after = after + out.len() as u64;
@@ -50,12 +79,12 @@ impl EventReader {
         session_id: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Bytes>, ApiError> {
+    ) -> Result<Vec<Bytes>, ReadError> {
         match self.node.read_events(session_id, after, limit) {
             Ok(events) => Ok(events),
             Err(NodeError::Trimmed { first_hot, .. }) => {
                 let archive = self.archive.get().ok_or_else(|| {
-                    ApiError::unavailable(format!(
+                    ReadError::ArchiveDown(format!(
                         "events {}..{} are only in the archive, which is not connected yet",
                         after + 1,
                         first_hot - 1
@@ -65,17 +94,17 @@ impl EventReader {
                 let frames = archive
                     .read_events(session_id, after, want)
                     .await
-                    .map_err(|e| ApiError::unavailable(format!("archive read failed: {e}")))?;
+                    .map_err(|e| ReadError::ArchiveDown(format!("archive read failed: {e}")))?;
                 for (i, frame) in frames.iter().enumerate() {
                     let expected = after + 1 + i as u64;
                     if frame_seq(frame) != Some(expected) {
-                        return Err(ApiError::unavailable(format!(
+                        return Err(ReadError::Missing(format!(
                             "the archive is missing event {expected} of session {session_id}"
                         )));
                     }
                 }
                 if frames.len() < want {
-                    return Err(ApiError::unavailable(format!(
+                    return Err(ReadError::Missing(format!(
                         "the archive is missing events {}..{} of session {session_id}",
                         after + 1 + frames.len() as u64,
                         first_hot - 1
@@ -83,7 +112,7 @@ impl EventReader {
                 }
                 Ok(frames)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(ReadError::Api(e.into())),
         }
     }
 }

@@ -8,7 +8,7 @@
 use crate::app::{path_session, SharedState};
 use crate::error::ApiError;
 use crate::metrics as m;
-use crate::reader::EventReader;
+use crate::reader::{EventReader, ReadError};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
@@ -133,6 +133,32 @@ pub async fn tail(
     }
 }
 
+/// Reads the next batch; while the archive is unreachable it waits and tries again (the
+/// events exist, a tail is long-lived, and skipping is never an option), until shutdown.
+async fn read_retrying(
+    reader: &EventReader,
+    session_id: &str,
+    cursor: u64,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Vec<Bytes>, ReadError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match reader.read(session_id, cursor, BATCH).await {
+            Err(ReadError::ArchiveDown(reason)) => {
+                tracing::warn!(session = %session_id, cursor, %reason, "tail waiting for the archive");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {},
+                    _ = shutdown.wait_for(|s| *s) => {
+                        return Err(ReadError::Api(ApiError::unavailable("server shutting down")));
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 enum WsEnd {
     ClientGone,
     SlowConsumer,
@@ -168,9 +194,12 @@ async fn ws_tail(
             if *shutdown.borrow() {
                 break 'outer WsEnd::Shutdown;
             }
-            let batch = match reader.read(&session_id, cursor, BATCH).await {
+            let batch = match read_retrying(&reader, &session_id, cursor, &mut shutdown).await {
                 Ok(batch) => batch,
-                Err(e) => break 'outer WsEnd::Failed(e.message),
+                Err(ReadError::Api(e)) if e.code == "unavailable" && *shutdown.borrow() => {
+                    break 'outer WsEnd::Shutdown
+                }
+                Err(e) => break 'outer WsEnd::Failed(e.to_string()),
             };
             if batch.is_empty() {
                 break;
@@ -303,7 +332,7 @@ fn sse_tail(
                 metrics::counter!(m::TAIL_EVENTS_SENT).increment(1);
                 return Some((Ok::<Event, Infallible>(sse), st));
             }
-            match st.reader.read(&st.session_id, st.cursor, BATCH).await {
+            match read_retrying(&st.reader, &st.session_id, st.cursor, &mut st.shutdown).await {
                 Ok(batch) if !batch.is_empty() => st.buffered.extend(batch),
                 Ok(_) => {
                     tokio::select! {
@@ -313,6 +342,7 @@ fn sse_tail(
                 }
                 Err(e) => {
                     st.done = true;
+                    let e = ApiError::from(e);
                     let msg = serde_json::json!({"error": e.code, "message": e.message});
                     return Some((
                         Ok(Event::default().event("error").data(msg.to_string())),
