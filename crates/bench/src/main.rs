@@ -1,1 +1,198 @@
-fn main() {}
+//! `starcite-bench`: drives the real Starcite HTTP API, and peers with the same workload, and
+//! reports throughput and latency percentiles side by side.
+
+mod http;
+mod redis;
+mod scenario;
+mod stats;
+
+use clap::{Args, Parser, Subcommand};
+use scenario::Load;
+use stats::RunResult;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "starcite-bench",
+    version,
+    about = "Load generator for Starcite with peer baselines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Appends to a running Starcite node.
+    Append(Common),
+    /// The same workload as XADD on a private redis-server (appendfsync always) it starts.
+    RedisAppend(Common),
+    /// Starcite, then Redis, same workload; prints both and the ratios.
+    Compare(Common),
+    /// A short run of every scenario that fails on any error or ordering violation (for CI;
+    /// it never judges timings).
+    Smoke {
+        /// Base URL of a running Starcite node.
+        #[arg(long, default_value = "http://127.0.0.1:4000")]
+        url: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Base URL of a running Starcite node.
+    #[arg(long, default_value = "http://127.0.0.1:4000", env = "STARCITE_URL")]
+    url: String,
+    /// Concurrent connections (one worker each).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Sessions (streams) the appends spread over, round-robin.
+    #[arg(long, default_value_t = 500)]
+    sessions: usize,
+    /// Approximate size of each event's JSON in bytes.
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// Measured duration in seconds.
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+    /// Unmeasured warm-up before it, in seconds.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Open loop: total requests per second (latency from the intended send time).
+    /// Default: closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Write the results as a Markdown table to this file.
+    #[arg(long)]
+    markdown: Option<std::path::PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Common {
+    fn load(&self) -> Result<Load, String> {
+        if self.connections == 0 || self.sessions == 0 {
+            return Err("--connections and --sessions must be at least 1".into());
+        }
+        if !(self.duration > 0.0 && self.warmup >= 0.0) {
+            return Err("--duration must be positive and --warmup not negative".into());
+        }
+        if self.rate.is_some_and(|r| r <= 0.0) {
+            return Err("--rate must be positive".into());
+        }
+        Ok(Load {
+            connections: self.connections,
+            sessions: self.sessions,
+            payload_bytes: self.payload_bytes,
+            duration: Duration::from_secs_f64(self.duration),
+            warmup: Duration::from_secs_f64(self.warmup),
+            rate: self.rate,
+            quiet: self.quiet,
+        })
+    }
+}
+
+fn report(common: &Common, results: &[RunResult]) -> Result<(), String> {
+    let mut text = stats::markdown_table(results);
+    if let [ours, peer] = results {
+        text.push('\n');
+        text.push_str(&stats::ratio_table(ours, peer));
+    }
+    println!("{text}");
+    if let Some(path) = &common.json {
+        let json = serde_json::to_string_pretty(results).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &common.markdown {
+        std::fs::write(path, &text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Append(common) => {
+            let r = scenario::starcite_append(&common.url, &common.load()?).await?;
+            report(&common, &[r])
+        }
+        Command::RedisAppend(common) => {
+            let r = scenario::redis_append(&common.load()?).await?;
+            report(&common, &[r])
+        }
+        Command::Compare(common) => {
+            let load = common.load()?;
+            eprintln!(
+                "starcite append ({} connections, {} sessions)…",
+                load.connections, load.sessions
+            );
+            let ours = scenario::starcite_append(&common.url, &load).await?;
+            eprintln!("redis XADD, appendfsync always…");
+            let peer = scenario::redis_append(&load).await?;
+            report(&common, &[ours, peer])
+        }
+        Command::Smoke { url } => smoke(&url).await,
+    }
+}
+
+async fn smoke(url: &str) -> Result<(), String> {
+    let load = Load {
+        connections: 8,
+        sessions: 20,
+        payload_bytes: 200,
+        duration: Duration::from_secs(3),
+        warmup: Duration::from_millis(200),
+        rate: None,
+        quiet: true,
+    };
+    let mut results = vec![
+        scenario::starcite_append(url, &load).await?,
+        scenario::redis_append(&load).await?,
+    ];
+    let open = Load {
+        rate: Some(500.0),
+        ..load.clone()
+    };
+    results.push(scenario::starcite_append(url, &open).await?);
+    println!("{}", stats::markdown_table(&results));
+    let bad: Vec<&RunResult> = results
+        .iter()
+        .filter(|r| r.errors > 0 || r.ordering_violations > 0 || r.ops == 0)
+        .collect();
+    if bad.is_empty() {
+        println!("smoke: {} passed, 0 failed", results.len());
+        Ok(())
+    } else {
+        Err(format!(
+            "smoke: {} passed, {} failed (errors, ordering violations or no operations)",
+            results.len() - bad.len(),
+            bad.len()
+        ))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("starcite-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("starcite-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

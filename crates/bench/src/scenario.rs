@@ -1,0 +1,353 @@
+//! Workloads. Each runs the same way against Starcite and against a peer: `connections`
+//! workers, each with its own connection, appending `payload_bytes` events to `sessions`
+//! streams round-robin, closed-loop (next request when the last is acknowledged) or open-loop
+//! at a fixed total rate (latency measured from the intended send time, which corrects for
+//! coordinated omission).
+
+use crate::http::Conn;
+use crate::redis::{PrivateRedis, Reply, Resp};
+use crate::stats::{histogram, RunResult};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub connections: usize,
+    pub sessions: usize,
+    pub payload_bytes: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// Total requests per second across all connections (open loop); `None` = closed loop.
+    pub rate: Option<f64>,
+    pub quiet: bool,
+}
+
+impl Load {
+    fn payload_text(&self) -> String {
+        // The event's JSON is about `payload_bytes` long.
+        "x".repeat(self.payload_bytes.saturating_sub(60).max(1))
+    }
+}
+
+/// What one worker reports back.
+struct WorkerResult {
+    hist: Histogram<u64>,
+    errors: u64,
+    /// (stream, seq) pairs acknowledged, for the ordering check.
+    acked: Vec<(usize, u64)>,
+}
+
+/// Progress line on stderr once a second.
+fn spawn_progress(
+    done: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    quiet: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if quiet {
+            return;
+        }
+        let mut last = 0;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let now = done.load(Ordering::Relaxed);
+            eprintln!(
+                "  {:>8} ops/s  (errors so far: {})",
+                now - last,
+                errors.load(Ordering::Relaxed)
+            );
+            last = now;
+        }
+    })
+}
+
+/// One worker's connection to the system under test.
+pub trait Target: Send {
+    /// Appends one event to `stream`; returns the position it was acknowledged at.
+    fn append(
+        &mut self,
+        stream: usize,
+    ) -> impl std::future::Future<Output = Result<u64, String>> + Send;
+}
+
+/// Schedules requests for one worker and measures them.
+async fn drive<T: Target>(
+    load: &Load,
+    worker: usize,
+    done: Arc<AtomicU64>,
+    errs: Arc<AtomicU64>,
+    target: &mut T,
+) -> WorkerResult {
+    let mut hist = histogram();
+    let mut errors = 0;
+    let mut acked = Vec::new();
+    let start = Instant::now();
+    let measure_from = start + load.warmup;
+    let end = measure_from + load.duration;
+    let interval = load
+        .rate
+        .map(|r| Duration::from_secs_f64(load.connections as f64 / r.max(1e-9)));
+    let mut next_send = start;
+    let mut i = 0usize;
+    loop {
+        if interval.is_some() {
+            let now = Instant::now();
+            if next_send > now {
+                tokio::time::sleep(next_send - now).await;
+            }
+        }
+        let intended = if interval.is_some() {
+            next_send
+        } else {
+            Instant::now()
+        };
+        if intended >= end {
+            break;
+        }
+        let stream = (worker + i * load.connections) % load.sessions;
+        i += 1;
+        let result = target.append(stream).await;
+        let finished = Instant::now();
+        if intended >= measure_from {
+            match result {
+                Ok(seq) => {
+                    let us = finished.saturating_duration_since(intended).as_micros() as u64;
+                    let _ = hist.record(us.max(1));
+                    acked.push((stream, seq));
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    if errors < 3 {
+                        eprintln!("  worker {worker}: {e}");
+                    }
+                    errors += 1;
+                    errs.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if let Some(step) = interval {
+            next_send += step;
+        }
+    }
+    WorkerResult {
+        hist,
+        errors,
+        acked,
+    }
+}
+
+/// Counts seqs acknowledged more than once for the same stream (must be zero).
+fn ordering_violations(results: &[WorkerResult]) -> u64 {
+    let mut per_stream: HashMap<usize, Vec<u64>> = HashMap::new();
+    for r in results {
+        for (s, seq) in &r.acked {
+            per_stream.entry(*s).or_default().push(*seq);
+        }
+    }
+    let mut violations = 0;
+    for seqs in per_stream.values_mut() {
+        seqs.sort_unstable();
+        violations += seqs.windows(2).filter(|w| w[0] == w[1]).count() as u64;
+    }
+    violations
+}
+
+fn merge(
+    system: &str,
+    scenario: &str,
+    load: &Load,
+    results: Vec<WorkerResult>,
+    notes: &str,
+) -> RunResult {
+    let mut hist = histogram();
+    let mut errors = 0;
+    for r in &results {
+        let _ = hist.add(&r.hist);
+        errors += r.errors;
+    }
+    let violations = ordering_violations(&results);
+    RunResult::from_histogram(
+        system,
+        scenario,
+        load.connections,
+        load.sessions,
+        load.payload_bytes,
+        load.duration,
+        &hist,
+        errors,
+        violations,
+        notes,
+    )
+}
+
+fn session_id(run: &str, i: usize) -> String {
+    format!("bench-{run}-{i}")
+}
+
+fn run_id() -> String {
+    format!(
+        "{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    )
+}
+
+/// Creates the sessions the workload appends to.
+async fn create_sessions(url: &str, run: &str, sessions: usize) -> Result<(), String> {
+    let mut conn = Conn::connect(url).await?;
+    for i in 0..sessions {
+        let body = format!(r#"{{"id":"{}"}}"#, session_id(run, i));
+        let (status, answer) = conn
+            .request("POST", "/v1/sessions", Bytes::from(body))
+            .await?;
+        if status != 201 {
+            return Err(format!(
+                "creating a session got {status}: {}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_seq(body: &[u8]) -> Result<u64, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("bad ack: {e}"))?;
+    v["seq"]
+        .as_u64()
+        .ok_or_else(|| format!("ack without seq: {v}"))
+}
+
+struct StarciteTarget {
+    conn: Conn,
+    run: String,
+    text: String,
+    n: u64,
+}
+
+impl Target for StarciteTarget {
+    async fn append(&mut self, stream: usize) -> Result<u64, String> {
+        self.n += 1;
+        let path = format!("/v1/sessions/{}/append", session_id(&self.run, stream));
+        let body = Bytes::from(format!(
+            r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{}","n":{}}}}}"#,
+            self.text, self.n
+        ));
+        let (status, answer) = self.conn.request("POST", &path, body).await?;
+        if status != 201 {
+            return Err(format!(
+                "append got {status}: {}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
+        parse_seq(&answer)
+    }
+}
+
+struct RedisTarget {
+    conn: Resp,
+    text: String,
+    n: u64,
+}
+
+impl Target for RedisTarget {
+    async fn append(&mut self, stream: usize) -> Result<u64, String> {
+        self.n += 1;
+        let key = format!("bench-{stream}");
+        let event = format!(
+            r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{}","n":{}}}}}"#,
+            self.text, self.n
+        );
+        match self
+            .conn
+            .command(&[b"XADD", key.as_bytes(), b"*", b"event", event.as_bytes()])
+            .await?
+        {
+            // Stream ids are `<ms>-<n>`; fold them into one number for the ordering check.
+            Reply::Bulk(Some(id)) => {
+                let id = String::from_utf8_lossy(&id).into_owned();
+                let (ms, n) = id.split_once('-').ok_or("bad stream id")?;
+                let ms: u64 = ms.parse().map_err(|_| "bad stream id")?;
+                let n: u64 = n.parse().map_err(|_| "bad stream id")?;
+                Ok(ms * 1_000_000 + n)
+            }
+            other => Err(format!("XADD answered {other:?}")),
+        }
+    }
+}
+
+/// Runs `load` with one target per connection.
+async fn run_load<T: Target + 'static>(
+    load: &Load,
+    targets: Vec<T>,
+) -> Result<Vec<WorkerResult>, String> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errs = Arc::new(AtomicU64::new(0));
+    let progress = spawn_progress(done.clone(), errs.clone(), load.quiet);
+    let mut tasks = Vec::new();
+    for (w, mut target) in targets.into_iter().enumerate() {
+        let load = load.clone();
+        let (done, errs) = (done.clone(), errs.clone());
+        tasks.push(tokio::spawn(async move {
+            drive(&load, w, done, errs, &mut target).await
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.map_err(|e| format!("worker crashed: {e}"))?);
+    }
+    progress.abort();
+    Ok(results)
+}
+
+/// Hot-path appends against a Starcite node.
+pub async fn starcite_append(url: &str, load: &Load) -> Result<RunResult, String> {
+    let run = run_id();
+    create_sessions(url, &run, load.sessions).await?;
+    let mut targets = Vec::new();
+    for _ in 0..load.connections {
+        targets.push(StarciteTarget {
+            conn: Conn::connect(url).await?,
+            run: run.clone(),
+            text: load.payload_text(),
+            n: 0,
+        });
+    }
+    let results = run_load(load, targets).await?;
+    Ok(merge(
+        "starcite",
+        "append",
+        load,
+        results,
+        "ack after fsync (group commit)",
+    ))
+}
+
+/// The same workload as `XADD` on a private Redis with `appendfsync always`.
+pub async fn redis_append(load: &Load) -> Result<RunResult, String> {
+    let redis = PrivateRedis::start().await?;
+    let mut targets = Vec::new();
+    for _ in 0..load.connections {
+        targets.push(RedisTarget {
+            conn: Resp::connect(redis.port).await?,
+            text: load.payload_text(),
+            n: 0,
+        });
+    }
+    let results = run_load(load, targets).await?;
+    drop(redis);
+    Ok(merge(
+        "redis-streams",
+        "append",
+        load,
+        results,
+        "XADD, appendonly yes, appendfsync always",
+    ))
+}
