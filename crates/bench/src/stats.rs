@@ -129,7 +129,7 @@ mod tests {
         assert!((r.ops_per_sec - 500.0).abs() < 1e-6);
         assert!((r.p50_ms - 5.0).abs() < 0.05, "{}", r.p50_ms);
         assert!((r.p99_ms - 9.9).abs() < 0.05, "{}", r.p99_ms);
-        let table = markdown_table(&[r.clone()]);
+        let table = markdown_table(std::slice::from_ref(&r));
         assert!(table.contains("| x | append | 4 | 10 | 500 |"), "{table}");
         let ratio = ratio_table(&r, &r);
         assert!(ratio.contains("| throughput | 1.00 |"));

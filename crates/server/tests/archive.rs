@@ -268,10 +268,16 @@ async fn postgres_outage_keeps_appends_working_and_catches_up_exactly_once() {
     );
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!waiting.is_finished(), "nothing can be sent before the archive is back");
+    assert!(
+        !waiting.is_finished(),
+        "nothing can be sent before the archive is back"
+    );
 
     pg.restart();
-    assert_eq!(waiting.await.expect("tail"), (1..=250).collect::<Vec<u64>>());
+    assert_eq!(
+        waiting.await.expect("tail"),
+        (1..=250).collect::<Vec<u64>>()
+    );
     wait_metric(
         &server,
         "starcite_archive_pending_rows",
