@@ -180,17 +180,16 @@ async fn flush_batch(
     }
     metrics::histogram!(FLUSH_DURATION).record(started.elapsed().as_secs_f64() * 1000.0);
     node.headers_archived(&backlog.sessions);
-    for run in &backlog.runs {
-        match node
-            .acknowledge_archived(&run.session_id, run.last_seq(), config.keep_hot)
-            .await
-        {
-            Ok(trimmed) => metrics::counter!(TRIMMED).increment(trimmed),
-            // The rows are in the archive; the mark advances on the next round.
-            Err(e) => {
-                tracing::warn!(session = %run.session_id, error = %e, "archive acknowledgement not logged")
-            }
-        }
+    let marks: Vec<(String, u64)> = backlog
+        .runs
+        .iter()
+        .map(|run| (run.session_id.clone(), run.last_seq()))
+        .collect();
+    match node.acknowledge_archived(&marks, config.keep_hot).await {
+        Ok(trimmed) => metrics::counter!(TRIMMED).increment(trimmed),
+        // The rows are in the archive; the marks advance on the next round (re-sending is
+        // harmless).
+        Err(e) => tracing::warn!(error = %e, "archive acknowledgements not logged"),
     }
     Ok(count)
 }

@@ -87,6 +87,25 @@ pub(crate) fn frame_fields(event: &ArchivedEvent) -> Result<FrameFields<'_>, Arc
     Ok(fields)
 }
 
+/// Checks the seq at the start of the frame (`{"seq":N,…`) against the one it is filed under,
+/// without parsing the whole frame.
+pub(crate) fn check_frame_seq(event: &ArchivedEvent) -> Result<(), ArchiveError> {
+    let seq = event.frame.strip_prefix(b"{\"seq\":").and_then(|rest| {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&rest[..digits])
+            .ok()?
+            .parse::<u64>()
+            .ok()
+    });
+    if seq != Some(event.seq) {
+        return Err(ArchiveError::BadFrame(format!(
+            "{} frame filed as seq {} does not start with that seq",
+            event.session_id, event.seq
+        )));
+    }
+    Ok(())
+}
+
 /// JSON text for a `jsonb` column. Postgres `jsonb` cannot hold the NUL character, which JSON
 /// allows as `\u0000`; the per-field copy gets U+FFFD instead (the exact text stays in
 /// `frame`), so one such event cannot block the archive forever.

@@ -3,7 +3,7 @@
 //! trimmed.
 
 use crate::{
-    frame_fields, max_seq_per_session, ArchiveError, ArchivedEvent, ArchivedSession, InsertStats,
+    check_frame_seq, max_seq_per_session, ArchiveError, ArchivedEvent, ArchivedSession, InsertStats,
 };
 use bytes::Bytes;
 use sqlx::sqlite::{
@@ -13,8 +13,8 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use std::path::Path;
 use std::time::Duration;
 
-/// Rows per INSERT statement (11 bound values each, well under SQLite's variable limit).
-const ROWS_PER_STATEMENT: usize = 500;
+/// Rows per INSERT statement (3 bound values each, well under SQLite's variable limit).
+const ROWS_PER_STATEMENT: usize = 2000;
 
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS sessions (
@@ -24,20 +24,23 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         archived_seq INTEGER NOT NULL DEFAULT 0
     )",
+    // Only the frame is written; every field is a virtual column computed from it on read,
+    // so the embedded archive costs one small row per event on the write path.
     "CREATE TABLE IF NOT EXISTS events (
         session_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
-        type TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        source TEXT,
-        metadata TEXT NOT NULL,
-        refs TEXT NOT NULL,
-        idempotency_key TEXT,
-        inserted_at TEXT NOT NULL,
         frame TEXT NOT NULL,
-        PRIMARY KEY (session_id, seq)
-    ) WITHOUT ROWID",
+        type TEXT GENERATED ALWAYS AS (json_extract(frame, '$.type')) VIRTUAL,
+        payload TEXT GENERATED ALWAYS AS (json_extract(frame, '$.payload')) VIRTUAL,
+        actor TEXT GENERATED ALWAYS AS (json_extract(frame, '$.actor')) VIRTUAL,
+        source TEXT GENERATED ALWAYS AS (json_extract(frame, '$.source')) VIRTUAL,
+        metadata TEXT GENERATED ALWAYS AS (json_extract(frame, '$.metadata')) VIRTUAL,
+        refs TEXT GENERATED ALWAYS AS (json_extract(frame, '$.refs')) VIRTUAL,
+        idempotency_key TEXT GENERATED ALWAYS AS (json_extract(frame, '$.idempotency_key')) VIRTUAL,
+        inserted_at TEXT GENERATED ALWAYS AS (json_extract(frame, '$.inserted_at')) VIRTUAL
+    )",
+    // Rows go to the end of the rowid tree (cheap appends); the key lives in a small index.
+    "CREATE UNIQUE INDEX IF NOT EXISTS events_session_seq ON events (session_id, seq)",
 ];
 
 pub struct SqliteArchive {
@@ -58,7 +61,9 @@ impl SqliteArchive {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("cache_size", "-65536")
+            .pragma("wal_autocheckpoint", "8192");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
@@ -104,52 +109,25 @@ impl SqliteArchive {
             for event in chunk {
                 let frame = std::str::from_utf8(&event.frame)
                     .map_err(|e| ArchiveError::BadFrame(e.to_string()))?;
+                check_frame_seq(event)?;
                 stats.bytes_attempted += frame.len() as u64;
-                parsed.push((event, frame_fields(event)?, frame));
+                parsed.push((event, frame));
             }
-            // Which rows are new, so that inserted bytes are counted exactly.
-            let mut existing: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT session_id, seq FROM events WHERE (session_id, seq) IN (",
-            );
-            let mut sep = existing.separated(", ");
-            for (event, _, _) in &parsed {
-                sep.push("(")
-                    .push_bind_unseparated(&event.session_id)
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(event.seq as i64)
-                    .push_unseparated(")");
-            }
-            existing.push(")");
-            let present: std::collections::HashSet<(String, i64)> = existing
-                .build()
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
-                .collect::<Result<_, sqlx::Error>>()?;
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT OR IGNORE INTO events (session_id, seq, type, payload, actor, source, metadata, refs, idempotency_key, inserted_at, frame) ",
-            );
-            q.push_values(&parsed, |mut row, (event, f, frame)| {
+            // RETURNING yields only the rows actually inserted (ignored duplicates are not
+            // returned), so inserted rows and bytes are exact.
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT OR IGNORE INTO events (session_id, seq, frame) ");
+            q.push_values(&parsed, |mut row, (event, frame)| {
                 row.push_bind(&event.session_id)
                     .push_bind(event.seq as i64)
-                    .push_bind(&f.event_type)
-                    .push_bind(f.payload.get())
-                    .push_bind(&f.actor)
-                    .push_bind(&f.source)
-                    .push_bind(f.metadata.get())
-                    .push_bind(f.refs.get())
-                    .push_bind(&f.idempotency_key)
-                    .push_bind(&f.inserted_at)
                     .push_bind(*frame);
             });
-            let done = q.build().execute(&mut *tx).await?;
-            stats.inserted += done.rows_affected();
-            stats.bytes_inserted += parsed
-                .iter()
-                .filter(|(e, _, _)| !present.contains(&(e.session_id.clone(), e.seq as i64)))
-                .map(|(_, _, frame)| frame.len() as u64)
-                .sum::<u64>();
+            q.push(" RETURNING length(CAST(frame AS BLOB))");
+            let inserted = q.build().fetch_all(&mut *tx).await?;
+            stats.inserted += inserted.len() as u64;
+            for row in inserted {
+                stats.bytes_inserted += row.try_get::<i64, _>(0)? as u64;
+            }
         }
         for (id, max) in max_seq_per_session(events) {
             sqlx::query("UPDATE sessions SET archived_seq = max(archived_seq, ?) WHERE id = ?")

@@ -165,8 +165,8 @@ async fn sqlite_backend_conforms() {
         row.get::<Option<String>, _>("idempotency_key").as_deref(),
         Some("key-4")
     );
-    assert_eq!(row.get::<String, _>("metadata"), r#"{"m": 1}"#);
-    assert_eq!(row.get::<String, _>("refs"), r#"{"to_seq": 1}"#);
+    assert_eq!(row.get::<String, _>("metadata"), r#"{"m":1}"#);
+    assert_eq!(row.get::<String, _>("refs"), r#"{"to_seq":1}"#);
     assert_eq!(
         row.get::<String, _>("inserted_at"),
         "2026-02-08T15:00:01.127Z"

@@ -656,26 +656,29 @@ impl Node {
         }
     }
 
-    /// Logs that events `1..=archived_seq` of the session are in the archive; memory then
-    /// keeps only the newest `keep_hot` of them. Returns how many events left memory.
+    /// Logs that events `1..=archived_seq` of each session are in the archive; memory then
+    /// keeps only the newest `keep_hot` of them. All acknowledgements go to the log at once
+    /// and share its fsyncs. Returns how many events left memory.
     pub async fn acknowledge_archived(
         &self,
-        session_id: &str,
-        archived_seq: u64,
+        marks: &[(String, u64)],
         keep_hot: u64,
     ) -> Result<u64, NodeError> {
-        let group = self.group(session_id);
-        let (lsn, trimmed) = {
+        let mut waits: Vec<(&Arc<Group>, u64)> = Vec::new();
+        let mut trimmed_total = 0;
+        for (session_id, archived_seq) in marks {
+            let group = self.group(session_id);
             let mut inner = group.inner.lock();
             let command = Command::ArchiveAck(starcite_core::ArchiveAckCommand {
-                session_id: session_id.to_owned(),
-                archived_seq,
+                session_id: session_id.clone(),
+                archived_seq: *archived_seq,
                 keep_hot,
             });
             let trimmed = match inner.state.apply(&command) {
                 Applied::Archived { trimmed } => trimmed,
-                _ => return Ok(0),
+                _ => continue,
             };
+            trimmed_total += trimmed;
             let fully_archived = inner
                 .state
                 .session(session_id)
@@ -684,10 +687,16 @@ impl Node {
             if fully_archived {
                 inner.unarchived.remove(session_id);
             }
-            (self.submit(group, &mut inner, &command, None), trimmed)
-        };
-        self.wait_durable(group, lsn).await?;
-        Ok(trimmed)
+            let lsn = self.submit(group, &mut inner, &command, None);
+            match waits.iter_mut().find(|(g, _)| Arc::ptr_eq(g, group)) {
+                Some((_, max)) => *max = (*max).max(lsn),
+                None => waits.push((group, lsn)),
+            }
+        }
+        for (group, lsn) in waits {
+            self.wait_durable(group, lsn).await?;
+        }
+        Ok(trimmed_total)
     }
 
     pub fn archive_lag(&self) -> ArchiveLag {
