@@ -31,6 +31,19 @@ enum Command {
     RedisAppend(Common),
     /// Starcite, then Redis, same workload; prints both and the ratios.
     Compare(Common),
+    /// Fills one session, waits for the archive to hold it, then times a WebSocket replay of
+    /// the whole session from cursor 0 (cold tier, then hot).
+    Replay {
+        /// Base URL of a running Starcite node.
+        #[arg(long, default_value = "http://127.0.0.1:4000", env = "STARCITE_URL")]
+        url: String,
+        /// Events in the session.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// Approximate size of each event's JSON in bytes.
+        #[arg(long, default_value_t = 200)]
+        payload_bytes: usize,
+    },
     /// A short run of every scenario that fails on any error or ordering violation (for CI;
     /// it never judges timings).
     Smoke {
@@ -136,6 +149,21 @@ async fn run(cli: Cli) -> Result<(), String> {
             let peer = scenario::redis_append(&load).await?;
             report(&common, &[ours, peer])
         }
+        Command::Replay {
+            url,
+            events,
+            payload_bytes,
+        } => {
+            let r = scenario::replay(&url, events, payload_bytes).await?;
+            println!(
+                "replay: {} events in {:.2}s = {:.0} events/s over one WebSocket ({} from the archive, {} hot), {} ordering violations",
+                r.events, r.seconds, r.events_per_sec, r.archived_before_replay, r.hot_before_replay, r.ordering_violations
+            );
+            if r.ordering_violations > 0 {
+                return Err("ordering violations in the replay".into());
+            }
+            Ok(())
+        }
         Command::Smoke { url } => smoke(&url).await,
     }
 }
@@ -160,6 +188,14 @@ async fn smoke(url: &str) -> Result<(), String> {
     };
     results.push(scenario::starcite_append(url, &open).await?);
     println!("{}", stats::markdown_table(&results));
+    let replay = scenario::replay(url, 2_000, 200).await?;
+    println!(
+        "replay: {} events, {:.0} events/s, {} ordering violations",
+        replay.events, replay.events_per_sec, replay.ordering_violations
+    );
+    if replay.ordering_violations > 0 {
+        return Err("smoke: replay delivered events out of order".into());
+    }
     let bad: Vec<&RunResult> = results
         .iter()
         .filter(|r| r.errors > 0 || r.ordering_violations > 0 || r.ops == 0)

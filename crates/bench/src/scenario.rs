@@ -351,3 +351,109 @@ pub async fn redis_append(load: &Load) -> Result<RunResult, String> {
         "XADD, appendonly yes, appendfsync always",
     ))
 }
+
+/// Result of a replay run: how fast one WebSocket receives a large session from cursor 0.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayResult {
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_sec: f64,
+    pub archived_before_replay: u64,
+    pub hot_before_replay: u64,
+    pub ordering_violations: u64,
+}
+
+async fn metric(url: &str, name: &str) -> Result<f64, String> {
+    let mut conn = Conn::connect(url).await?;
+    let (_, body) = conn.request("GET", "/metrics", Bytes::new()).await?;
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("{name} not in /metrics"))
+}
+
+/// Fills one session with `events` events (64 writers), waits until the archive holds them
+/// (so most of the replay comes from the cold tier), then times a WebSocket replay from 0.
+pub async fn replay(url: &str, events: u64, payload_bytes: usize) -> Result<ReplayResult, String> {
+    use futures_util::StreamExt;
+    let run = run_id();
+    create_sessions(url, &run, 1).await?;
+    let session = session_id(&run, 0);
+    let writers = 64u64;
+    let mut tasks = Vec::new();
+    let text = "x".repeat(payload_bytes.saturating_sub(60).max(1));
+    for w in 0..writers {
+        let url = url.to_owned();
+        let session = session.clone();
+        let text = text.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::connect(&url).await?;
+            let mut i = w;
+            while i < events {
+                let body = Bytes::from(format!(
+                    r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{text}","i":{i}}}}}"#
+                ));
+                let (status, answer) = conn
+                    .request("POST", &format!("/v1/sessions/{session}/append"), body)
+                    .await?;
+                if status != 201 {
+                    return Err(format!("append got {status}: {}", String::from_utf8_lossy(&answer)));
+                }
+                i += writers;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| format!("writer crashed: {e}"))??;
+    }
+    // Let the archiver catch up so the replay really reads the cold tier.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metric(url, "starcite_archive_pending_rows").await? > 0.0 {
+        if Instant::now() > deadline {
+            return Err("the archive did not catch up within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let hot = metric(url, "starcite_archive_tail_size")
+        .await
+        .unwrap_or(0.0) as u64;
+    let ws_url = format!(
+        "ws://{}/v1/sessions/{session}/tail?cursor=0",
+        crate::http::authority(url)?
+    );
+    let started = Instant::now();
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
+        .await
+        .map_err(|e| format!("WebSocket connect: {e}"))?;
+    let mut received = 0u64;
+    let mut violations = 0u64;
+    while received < events {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .map_err(|_| format!("no frame for 30 s after {received} events"))?
+            .ok_or("tail closed")?
+            .map_err(|e| format!("tail failed: {e}"))?;
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            received += 1;
+            let seq = t
+                .as_str()
+                .strip_prefix("{\"seq\":")
+                .and_then(|r| r.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            if seq != Some(received) {
+                violations += 1;
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(ReplayResult {
+        events,
+        seconds,
+        events_per_sec: events as f64 / seconds,
+        archived_before_replay: events.saturating_sub(hot.min(events)),
+        hot_before_replay: hot,
+        ordering_violations: violations,
+    })
+}
