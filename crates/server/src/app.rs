@@ -107,20 +107,66 @@ async fn method_not_allowed() -> ApiError {
 
 /// Per-route request counts and latencies, labelled by the route template (never the raw
 /// path, which would give every session its own series).
-async fn track_requests(req: Request, next: Next) -> Response {
+async fn track_requests(mut req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().clone();
+    let request_id = request_id(req.headers());
+    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
+        req.headers_mut().insert(REQUEST_ID, value);
+    }
+    let span = tracing::info_span!("request", id = %request_id, %method, route = %route);
     let started = Instant::now();
-    let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "method" => method.to_string(), "status" => status)
+    let mut response = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let status = response.status();
+    let elapsed = started.elapsed();
+    span.in_scope(|| {
+        if status.is_server_error() {
+            tracing::warn!(
+                status = status.as_u16(),
+                ms = elapsed.as_millis() as u64,
+                "request failed"
+            );
+        } else {
+            tracing::debug!(
+                status = status.as_u16(),
+                ms = elapsed.as_millis() as u64,
+                "request"
+            );
+        }
+    });
+    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "method" => method.to_string(), "status" => status.as_u16().to_string())
         .increment(1);
-    metrics::histogram!(m::HTTP_LATENCY, "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::HTTP_LATENCY, "route" => route).record(elapsed.as_secs_f64());
     response
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// The client's `x-request-id` when it sent a sane one (so ids can be followed across
+/// services), else a new one: a per-process random prefix and a counter.
+fn request_id(headers: &HeaderMap) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    if let Some(id) = headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return id.to_owned();
+    }
+    let prefix = PREFIX.get_or_init(|| {
+        let id = starcite_core::SessionId::generate();
+        id.as_str()["ses_".len().."ses_".len() + 8].to_owned()
+    });
+    format!("{prefix}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Reads a body up to the configured limit.

@@ -205,7 +205,6 @@ async fn archive_loop(
     slot: Arc<OnceLock<Arc<starcite_archive::Archive>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    starcite_archive::describe_metrics();
     let mut backoff = Duration::from_millis(200);
     let archive = loop {
         let opened = match &config.database_url {

@@ -60,6 +60,16 @@ pub fn install() -> Result<PrometheusHandle, String> {
     metrics::counter!(APPEND_TOTAL).absolute(0);
     metrics::counter!(APPEND_DEDUPED_TOTAL).absolute(0);
     metrics::gauge!(TAILS_ACTIVE).set(0.0);
+    starcite_archive::describe_metrics();
+    // Histograms appear on /metrics (with zero counts) from the start, not only after the
+    // first sample.
+    for name in [
+        APPEND_LATENCY,
+        PAYLOAD_BYTES,
+        starcite_archive::FLUSH_DURATION_METRIC,
+    ] {
+        drop(metrics::histogram!(name));
+    }
     Ok(handle)
 }
 

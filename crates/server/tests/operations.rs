@@ -470,3 +470,87 @@ async fn cli_tail_follows_and_resumes_after_a_server_restart() {
         "every event once, in order, across the restart"
     );
 }
+
+#[tokio::test]
+async fn every_contract_metric_name_is_exposed() {
+    let server = Server::start(&[]).await;
+    let text = reqwest::get(format!("{}/metrics", server.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "starcite_events_append_total",
+        "starcite_events_payload_bytes",
+        "starcite_archive_pending_rows",
+        "starcite_archive_pending_sessions",
+        "starcite_archive_flush_duration_ms",
+        "starcite_archive_attempted_total",
+        "starcite_archive_inserted_total",
+        "starcite_archive_bytes_attempted_total",
+        "starcite_archive_bytes_inserted_total",
+        "starcite_archive_lag",
+        "starcite_archive_tail_size",
+        "starcite_archive_trimmed_total",
+        "starcite_append_latency_seconds",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("# TYPE ") && l.split_whitespace().nth(2) == Some(name)),
+            "{name} missing from /metrics:\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed_and_logs_can_be_json() {
+    let server = Server::start(&[
+        ("STARCITE_LOG_FORMAT", "json"),
+        ("RUST_LOG", "info,starcite=debug"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let given = client
+        .get(format!("{}/health/live", server.url()))
+        .header("x-request-id", "trace-abc-123")
+        .send()
+        .await
+        .expect("live");
+    assert_eq!(given.headers()["x-request-id"], "trace-abc-123");
+    let generated = client
+        .get(format!("{}/nope", server.url()))
+        .send()
+        .await
+        .expect("404");
+    let id = generated.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(!id.is_empty());
+    let other = client
+        .get(format!("{}/nope", server.url()))
+        .send()
+        .await
+        .expect("404");
+    assert_ne!(
+        other.headers()["x-request-id"].to_str().unwrap(),
+        id,
+        "ids are unique"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = server.log();
+    let json_lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        json_lines
+            .iter()
+            .any(|l| l.to_string().contains("trace-abc-123")),
+        "the request id appears in the request's log line:\n{log}"
+    );
+}
