@@ -27,6 +27,12 @@ struct Cli {
 enum Command {
     /// Appends to a running Starcite node.
     Append(Common),
+    /// Appends with expected_seq, one writer per session: every append must get exactly the
+    /// next seq (no conflicts, no gaps).
+    Ordered(Common),
+    /// Every append sent twice with the same idempotency key: the second must be deduped with
+    /// the same seq.
+    Retries(Common),
     /// The same workload as XADD on a private redis-server (appendfsync always) it starts.
     RedisAppend(Common),
     /// Starcite, then Redis, same workload; prints both and the ratios.
@@ -134,6 +140,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             let r = scenario::starcite_append(&common.url, &common.load()?).await?;
             report(&common, &[r])
         }
+        Command::Ordered(common) => {
+            let r = scenario::starcite_ordered(&common.url, &common.load()?).await?;
+            report(&common, &[r])
+        }
+        Command::Retries(common) => {
+            let r = scenario::starcite_retries(&common.url, &common.load()?).await?;
+            report(&common, &[r])
+        }
         Command::RedisAppend(common) => {
             let r = scenario::redis_append(&common.load()?).await?;
             report(&common, &[r])
@@ -187,6 +201,8 @@ async fn smoke(url: &str) -> Result<(), String> {
         ..load.clone()
     };
     results.push(scenario::starcite_append(url, &open).await?);
+    results.push(scenario::starcite_ordered(url, &load).await?);
+    results.push(scenario::starcite_retries(url, &load).await?);
     println!("{}", stats::markdown_table(&results));
     let replay = scenario::replay(url, 2_000, 200).await?;
     println!(

@@ -37,6 +37,7 @@ impl Load {
 struct WorkerResult {
     hist: Histogram<u64>,
     errors: u64,
+    violations: u64,
     /// (stream, seq) pairs acknowledged, for the ordering check.
     acked: Vec<(usize, u64)>,
 }
@@ -74,6 +75,11 @@ pub trait Target: Send {
         &mut self,
         stream: usize,
     ) -> impl std::future::Future<Output = Result<u64, String>> + Send;
+
+    /// Scenario-specific ordering violations seen by this worker.
+    fn violations(&self) -> u64 {
+        0
+    }
 }
 
 /// Schedules requests for one worker and measures them.
@@ -138,6 +144,7 @@ async fn drive<T: Target>(
     WorkerResult {
         hist,
         errors,
+        violations: target.violations(),
         acked,
     }
 }
@@ -171,7 +178,8 @@ fn merge(
         let _ = hist.add(&r.hist);
         errors += r.errors;
     }
-    let violations = ordering_violations(&results);
+    let violations =
+        ordering_violations(&results) + results.iter().map(|r| r.violations).sum::<u64>();
     RunResult::from_histogram(
         system,
         scenario,
@@ -281,6 +289,153 @@ impl Target for RedisTarget {
             other => Err(format!("XADD answered {other:?}")),
         }
     }
+}
+
+/// Appends with `expected_seq`: every session is written by exactly one worker, which knows its
+/// last seq, so every append must succeed with exactly `expected_seq + 1`; a conflict or any
+/// other seq is an ordering violation.
+struct OrderedTarget {
+    conn: Conn,
+    run: String,
+    text: String,
+    last: HashMap<usize, u64>,
+    violations: u64,
+}
+
+impl Target for OrderedTarget {
+    async fn append(&mut self, stream: usize) -> Result<u64, String> {
+        let expected = *self.last.get(&stream).unwrap_or(&0);
+        let path = format!("/v1/sessions/{}/append", session_id(&self.run, stream));
+        let body = Bytes::from(format!(
+            r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{}"}},"expected_seq":{expected}}}"#,
+            self.text
+        ));
+        let (status, answer) = self.conn.request("POST", &path, body).await?;
+        if status == 409 {
+            self.violations += 1;
+            return Err(format!(
+                "expected_seq conflict on a single-writer session: {}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
+        if status != 201 {
+            return Err(format!(
+                "append got {status}: {}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
+        let seq = parse_seq(&answer)?;
+        if seq != expected + 1 {
+            self.violations += 1;
+        }
+        self.last.insert(stream, seq);
+        Ok(seq)
+    }
+
+    fn violations(&self) -> u64 {
+        self.violations
+    }
+}
+
+/// Every event is sent twice with the same idempotency key: the first must be appended, the
+/// second answered `deduped` with the same seq. Anything else is a violation.
+struct RetryTarget {
+    conn: Conn,
+    run: String,
+    text: String,
+    n: u64,
+    worker: usize,
+    violations: u64,
+}
+
+impl Target for RetryTarget {
+    async fn append(&mut self, stream: usize) -> Result<u64, String> {
+        self.n += 1;
+        let path = format!("/v1/sessions/{}/append", session_id(&self.run, stream));
+        let body = Bytes::from(format!(
+            r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{}"}},"idempotency_key":"w{}-{}"}}"#,
+            self.text, self.worker, self.n
+        ));
+        let mut seqs = [0u64; 2];
+        for (attempt, seq) in seqs.iter_mut().enumerate() {
+            let (status, answer) = self.conn.request("POST", &path, body.clone()).await?;
+            if status != 201 {
+                return Err(format!(
+                    "append got {status}: {}",
+                    String::from_utf8_lossy(&answer)
+                ));
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&answer).map_err(|e| format!("bad ack: {e}"))?;
+            if v["deduped"].as_bool() != Some(attempt == 1) {
+                self.violations += 1;
+            }
+            *seq = v["seq"].as_u64().ok_or("ack without seq")?;
+        }
+        if seqs[0] != seqs[1] {
+            self.violations += 1;
+        }
+        Ok(seqs[0])
+    }
+
+    fn violations(&self) -> u64 {
+        self.violations
+    }
+}
+
+/// `expected_seq` appends, one writer per session.
+pub async fn starcite_ordered(url: &str, load: &Load) -> Result<RunResult, String> {
+    let run = run_id();
+    // At least one session per worker, so that every session has exactly one writer.
+    let sessions = load.sessions.max(load.connections);
+    let load = Load {
+        sessions: sessions - sessions % load.connections,
+        ..load.clone()
+    };
+    create_sessions(url, &run, load.sessions).await?;
+    let mut targets = Vec::new();
+    for _ in 0..load.connections {
+        targets.push(OrderedTarget {
+            conn: Conn::connect(url).await?,
+            run: run.clone(),
+            text: load.payload_text(),
+            last: HashMap::new(),
+            violations: 0,
+        });
+    }
+    let results = run_load(&load, targets).await?;
+    Ok(merge(
+        "starcite",
+        "ordered (expected_seq)",
+        &load,
+        results,
+        "one writer per session",
+    ))
+}
+
+/// Every append sent twice with the same idempotency key (latency per pair).
+pub async fn starcite_retries(url: &str, load: &Load) -> Result<RunResult, String> {
+    let run = run_id();
+    create_sessions(url, &run, load.sessions).await?;
+    let mut targets = Vec::new();
+    for worker in 0..load.connections {
+        targets.push(RetryTarget {
+            conn: Conn::connect(url).await?,
+            run: run.clone(),
+            text: load.payload_text(),
+            n: 0,
+            worker,
+            violations: 0,
+        });
+    }
+    let results = run_load(load, targets).await?;
+    Ok(merge(
+        "starcite",
+        "idempotent retries (x2)",
+        load,
+        results,
+        "ops = pairs; second of each pair must be deduped",
+    ))
 }
 
 /// Runs `load` with one target per connection.
