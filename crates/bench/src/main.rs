@@ -33,6 +33,28 @@ enum Command {
     /// Every append sent twice with the same idempotency key: the second must be deduped with
     /// the same seq.
     Retries(Common),
+    /// Tail delivery latency: many WebSocket tailers per session, one writer per session at a
+    /// fixed rate; time from the writer's ack to delivery on every tailer.
+    Tail {
+        /// Base URL of a running Starcite node.
+        #[arg(long, default_value = "http://127.0.0.1:4000", env = "STARCITE_URL")]
+        url: String,
+        /// Sessions (one writer each).
+        #[arg(long, default_value_t = 10)]
+        sessions: usize,
+        /// WebSocket tailers in total, spread evenly over the sessions.
+        #[arg(long, default_value_t = 1000)]
+        tailers: usize,
+        /// Appends per second per session.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Seconds of appending.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Approximate size of each event's JSON in bytes.
+        #[arg(long, default_value_t = 200)]
+        payload_bytes: usize,
+    },
     /// The same workload as XADD on a private redis-server (appendfsync always) it starts.
     RedisAppend(Common),
     /// Starcite, then Redis, same workload; prints both and the ratios.
@@ -148,6 +170,29 @@ async fn run(cli: Cli) -> Result<(), String> {
             let r = scenario::starcite_retries(&common.url, &common.load()?).await?;
             report(&common, &[r])
         }
+        Command::Tail {
+            url,
+            sessions,
+            tailers,
+            rate,
+            duration,
+            payload_bytes,
+        } => {
+            if sessions == 0 || tailers == 0 || rate <= 0.0 || duration <= 0.0 {
+                return Err("--sessions, --tailers, --rate and --duration must be positive".into());
+            }
+            let r = scenario::tail_latency(
+                &url,
+                sessions,
+                tailers,
+                rate,
+                Duration::from_secs_f64(duration),
+                payload_bytes,
+            )
+            .await?;
+            println!("{}", stats::markdown_table(&[r]));
+            Ok(())
+        }
         Command::RedisAppend(common) => {
             let r = scenario::redis_append(&common.load()?).await?;
             report(&common, &[r])
@@ -203,6 +248,7 @@ async fn smoke(url: &str) -> Result<(), String> {
     results.push(scenario::starcite_append(url, &open).await?);
     results.push(scenario::starcite_ordered(url, &load).await?);
     results.push(scenario::starcite_retries(url, &load).await?);
+    results.push(scenario::tail_latency(url, 4, 40, 50.0, Duration::from_secs(3), 200).await?);
     println!("{}", stats::markdown_table(&results));
     let replay = scenario::replay(url, 2_000, 200).await?;
     println!(

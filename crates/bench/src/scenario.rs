@@ -612,3 +612,153 @@ pub async fn replay(url: &str, events: u64, payload_bytes: usize) -> Result<Repl
         ordering_violations: violations,
     })
 }
+
+/// Tail delivery latency: `tailers` WebSocket tails spread over `sessions` sessions, one writer
+/// per session appending at `rate_per_session` events/s; for every (event, tailer) the time
+/// from the writer receiving its ack to the tailer receiving the event (0 if the event arrives
+/// first, which happens: tails are woken when the event becomes durable, like the ack).
+pub async fn tail_latency(
+    url: &str,
+    sessions: usize,
+    tailers: usize,
+    rate_per_session: f64,
+    duration: Duration,
+    payload_bytes: usize,
+) -> Result<RunResult, String> {
+    use futures_util::StreamExt;
+    let run = run_id();
+    create_sessions(url, &run, sessions).await?;
+    let authority = crate::http::authority(url)?;
+    let base = Instant::now();
+    // Tailers connect first (cursor 0) and record (session, seq, arrival).
+    let mut tail_tasks = Vec::new();
+    let mut ready = Vec::new();
+    for t in 0..tailers {
+        let session = t % sessions;
+        let ws_url = format!(
+            "ws://{authority}/v1/sessions/{}/tail?cursor=0",
+            session_id(&run, session)
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url)
+            .await
+            .map_err(|e| format!("tailer {t} cannot connect: {e}"))?;
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        ready.push(stop_tx);
+        tail_tasks.push(tokio::spawn(async move {
+            let mut ws = ws;
+            let mut seen: Vec<(usize, u64, Duration)> = Vec::new();
+            let mut violations = 0u64;
+            let mut last = 0u64;
+            loop {
+                tokio::select! {
+                    msg = ws.next() => match msg {
+                        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                            let seq = t
+                                .as_str()
+                                .strip_prefix("{\"seq\":")
+                                .and_then(|r| r.split(',').next())
+                                .and_then(|n| n.parse::<u64>().ok())
+                                .unwrap_or(0);
+                            if seq != last + 1 {
+                                violations += 1;
+                            }
+                            last = seq;
+                            seen.push((session, seq, base.elapsed()));
+                        }
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    },
+                    _ = &mut stop_rx => break,
+                }
+            }
+            (seen, violations)
+        }));
+    }
+    // Writers: one per session, fixed rate, record ack times.
+    let interval = Duration::from_secs_f64(1.0 / rate_per_session.max(0.001));
+    let text = "x".repeat(payload_bytes.saturating_sub(60).max(1));
+    let mut writer_tasks = Vec::new();
+    for s in 0..sessions {
+        let mut conn = Conn::connect(url).await?;
+        let path = format!("/v1/sessions/{}/append", session_id(&run, s));
+        let text = text.clone();
+        writer_tasks.push(tokio::spawn(async move {
+            let mut acks: Vec<(u64, Duration)> = Vec::new();
+            let mut errors = 0u64;
+            let start = Instant::now();
+            let mut next = start;
+            while next < start + duration {
+                tokio::time::sleep_until(next.into()).await;
+                let body = Bytes::from(format!(
+                    r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{text}"}}}}"#
+                ));
+                match conn.request("POST", &path, body).await {
+                    Ok((201, answer)) => match parse_seq(&answer) {
+                        Ok(seq) => acks.push((seq, base.elapsed())),
+                        Err(_) => errors += 1,
+                    },
+                    _ => errors += 1,
+                }
+                next += interval;
+            }
+            (s, acks, errors)
+        }));
+    }
+    let mut ack_times: HashMap<(usize, u64), Duration> = HashMap::new();
+    let mut errors = 0;
+    let mut expected_per_session: HashMap<usize, u64> = HashMap::new();
+    for t in writer_tasks {
+        let (s, acks, e) = t.await.map_err(|e| format!("writer crashed: {e}"))?;
+        errors += e;
+        expected_per_session.insert(s, acks.len() as u64);
+        for (seq, at) in acks {
+            ack_times.insert((s, seq), at);
+        }
+    }
+    // Give the last events time to arrive, then stop the tailers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for stop in ready {
+        let _ = stop.send(());
+    }
+    let mut hist = histogram();
+    let mut violations = 0;
+    for t in tail_tasks {
+        let (seen, v) = t.await.map_err(|e| format!("tailer crashed: {e}"))?;
+        violations += v;
+        let session = seen.first().map(|s| s.0);
+        if let Some(session) = session {
+            if seen.len() as u64 != expected_per_session.get(&session).copied().unwrap_or(0) {
+                violations += 1; // a tailer missed events (or got extra ones)
+            }
+        }
+        for (session, seq, arrived) in seen {
+            if let Some(acked) = ack_times.get(&(session, seq)) {
+                let us = arrived.saturating_sub(*acked).as_micros() as u64;
+                let _ = hist.record(us.max(1));
+            }
+        }
+    }
+    let load = Load {
+        connections: tailers,
+        sessions,
+        payload_bytes,
+        duration,
+        warmup: Duration::ZERO,
+        rate: Some(rate_per_session * sessions as f64),
+        quiet: true,
+    };
+    let mut r = RunResult::from_histogram(
+        "starcite",
+        "tail delivery (ack → tailer)",
+        load.connections,
+        load.sessions,
+        load.payload_bytes,
+        load.duration,
+        &hist,
+        errors,
+        violations,
+        &format!("{tailers} tailers, {rate_per_session}/s per session; ops = deliveries"),
+    );
+    r.ops_per_sec = r.ops as f64 / duration.as_secs_f64();
+    Ok(r)
+}
