@@ -2,6 +2,7 @@
 //! reports throughput and latency percentiles side by side.
 
 mod http;
+mod nats;
 mod redis;
 mod scenario;
 mod stats;
@@ -57,7 +58,10 @@ enum Command {
     },
     /// The same workload as XADD on a private redis-server (appendfsync always) it starts.
     RedisAppend(Common),
-    /// Starcite, then Redis, same workload; prints both and the ratios.
+    /// The same workload as JetStream publishes with acknowledgement on a private nats-server
+    /// it starts (file storage; fsync setting reported).
+    NatsAppend(Common),
+    /// Starcite, then Redis, then NATS JetStream, same workload; prints all and the ratios.
     Compare(Common),
     /// Fills one session, waits for the archive to hold it, then times a WebSocket replay of
     /// the whole session from cursor 0 (cold tier, then hot).
@@ -141,9 +145,11 @@ impl Common {
 
 fn report(common: &Common, results: &[RunResult]) -> Result<(), String> {
     let mut text = stats::markdown_table(results);
-    if let [ours, peer] = results {
-        text.push('\n');
-        text.push_str(&stats::ratio_table(ours, peer));
+    if let [ours, peers @ ..] = results {
+        for peer in peers {
+            text.push('\n');
+            text.push_str(&stats::ratio_table(ours, peer));
+        }
     }
     println!("{text}");
     if let Some(path) = &common.json {
@@ -193,6 +199,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("{}", stats::markdown_table(&[r]));
             Ok(())
         }
+        Command::NatsAppend(common) => {
+            let r = scenario::nats_append(&common.load()?).await?;
+            eprintln!("{}", r.notes);
+            report(&common, &[r])
+        }
         Command::RedisAppend(common) => {
             let r = scenario::redis_append(&common.load()?).await?;
             report(&common, &[r])
@@ -205,8 +216,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             );
             let ours = scenario::starcite_append(&common.url, &load).await?;
             eprintln!("redis XADD, appendfsync always…");
-            let peer = scenario::redis_append(&load).await?;
-            report(&common, &[ours, peer])
+            let redis = scenario::redis_append(&load).await?;
+            eprintln!("NATS JetStream publish with ack…");
+            let nats = scenario::nats_append(&load).await?;
+            eprintln!("nats: {}", nats.notes);
+            report(&common, &[ours, redis, nats])
         }
         Command::Replay {
             url,
@@ -240,6 +254,7 @@ async fn smoke(url: &str) -> Result<(), String> {
     let mut results = vec![
         scenario::starcite_append(url, &load).await?,
         scenario::redis_append(&load).await?,
+        scenario::nats_append(&load).await?,
     ];
     let open = Load {
         rate: Some(500.0),

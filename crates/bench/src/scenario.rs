@@ -438,6 +438,50 @@ pub async fn starcite_retries(url: &str, load: &Load) -> Result<RunResult, Strin
     ))
 }
 
+struct NatsTarget {
+    conn: crate::nats::NatsConn,
+    text: String,
+    n: u64,
+}
+
+impl Target for NatsTarget {
+    async fn append(&mut self, stream: usize) -> Result<u64, String> {
+        self.n += 1;
+        let event = format!(
+            r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{}","n":{}}}}}"#,
+            self.text, self.n
+        );
+        let ack = self
+            .conn
+            .request(&format!("bench.s{stream}"), event.as_bytes())
+            .await?;
+        let v: serde_json::Value =
+            serde_json::from_str(&ack).map_err(|e| format!("bad JetStream ack {ack:?}: {e}"))?;
+        // JetStream seqs are per stream (here: one stream for all sessions), still unique.
+        v["seq"]
+            .as_u64()
+            .map(|seq| seq * 1_000_000 + stream as u64)
+            .ok_or_else(|| format!("JetStream refused: {ack}"))
+    }
+}
+
+/// The same workload as publishes with acknowledgement to a private JetStream.
+pub async fn nats_append(load: &Load) -> Result<RunResult, String> {
+    let nats = crate::nats::PrivateNats::start().await?;
+    let mut targets = Vec::new();
+    for w in 0..load.connections {
+        targets.push(NatsTarget {
+            conn: crate::nats::NatsConn::connect(nats.port, w + 2).await?,
+            text: load.payload_text(),
+            n: 0,
+        });
+    }
+    let results = run_load(load, targets).await?;
+    let note = nats.sync_note.clone();
+    drop(nats);
+    Ok(merge("nats-jetstream", "append", load, results, &note))
+}
+
 /// Runs `load` with one target per connection.
 async fn run_load<T: Target + 'static>(
     load: &Load,
