@@ -23,4 +23,3 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 "$bin/starcite-bench" smoke --url "http://127.0.0.1:$port"
-echo "smoke: 1 passed, 0 failed"

@@ -1,6 +1,7 @@
 //! `starcite-bench`: drives the real Starcite HTTP API, and peers with the same workload, and
 //! reports throughput and latency percentiles side by side.
 
+mod chart;
 mod http;
 mod nats;
 mod redis;
@@ -63,6 +64,21 @@ enum Command {
     NatsAppend(Common),
     /// Starcite, then Redis, then NATS JetStream, same workload; prints all and the ratios.
     Compare(Common),
+    /// Starcite and its peers at several concurrencies; writes JSON, Markdown and SVG charts
+    /// (throughput vs connections, latency percentiles) into --out-dir.
+    Sweep {
+        #[command(flatten)]
+        common: Common,
+        /// Comma-separated connection counts.
+        #[arg(long, default_value = "1,4,16,64,128", value_delimiter = ',')]
+        levels: Vec<usize>,
+        /// Directory for results.json, results.md, throughput.svg and latency.svg.
+        #[arg(long, default_value = "docs/bench")]
+        out_dir: std::path::PathBuf,
+        /// Also run the NATS JetStream baseline.
+        #[arg(long)]
+        with_nats: bool,
+    },
     /// Fills one session, waits for the archive to hold it, then times a WebSocket replay of
     /// the whole session from cursor 0 (cold tier, then hot).
     Replay {
@@ -237,8 +253,82 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Sweep {
+            common,
+            levels,
+            out_dir,
+            with_nats,
+        } => sweep(&common, &levels, &out_dir, with_nats).await,
         Command::Smoke { url } => smoke(&url).await,
     }
+}
+
+async fn sweep(
+    common: &Common,
+    levels: &[usize],
+    out_dir: &std::path::Path,
+    with_nats: bool,
+) -> Result<(), String> {
+    if levels.is_empty() || levels.contains(&0) {
+        return Err("--levels must list positive connection counts".into());
+    }
+    let base = common.load()?;
+    let mut results = Vec::new();
+    for &connections in levels {
+        let load = Load {
+            connections,
+            ..base.clone()
+        };
+        eprintln!("{connections} connections: starcite…");
+        results.push(scenario::starcite_append(&common.url, &load).await?);
+        eprintln!("{connections} connections: redis…");
+        results.push(scenario::redis_append(&load).await?);
+        if with_nats {
+            eprintln!("{connections} connections: nats…");
+            results.push(scenario::nats_append(&load).await?);
+        }
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
+    let write = |name: &str, text: &str| {
+        let path = out_dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+    };
+    write(
+        "results.json",
+        &serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?,
+    )?;
+    let table = stats::markdown_table(&results);
+    write("results.md", &table)?;
+    write(
+        "throughput.svg",
+        &chart::throughput_vs_concurrency(
+            &results,
+            &format!(
+                "Durable appends/s vs connections ({} sessions, ~{} B events)",
+                base.sessions, base.payload_bytes
+            ),
+        ),
+    )?;
+    let at = levels
+        .iter()
+        .copied()
+        .min_by_key(|l| l.abs_diff(64))
+        .unwrap_or(64);
+    let at_level: Vec<RunResult> = results
+        .iter()
+        .filter(|r| r.connections == at)
+        .cloned()
+        .collect();
+    write(
+        "latency.svg",
+        &chart::latency_percentiles(&at_level, &format!("Append latency at {at} connections")),
+    )?;
+    println!("{table}");
+    println!(
+        "wrote results.json, results.md, throughput.svg, latency.svg to {}",
+        out_dir.display()
+    );
+    Ok(())
 }
 
 async fn smoke(url: &str) -> Result<(), String> {

@@ -30,6 +30,17 @@ impl PrivateNats {
     /// dir. Servers 2.10+ are configured with `sync_interval: always` (fsync per message);
     /// older ones cannot be, and the note says so.
     pub async fn start() -> Result<PrivateNats, String> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::start_once().await {
+                Ok(nats) => return Ok(nats),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn start_once() -> Result<PrivateNats, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -62,7 +73,7 @@ impl PrivateNats {
                 version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_else(|| "?".into())
             )
         };
-        let nats = PrivateNats {
+        let mut nats = PrivateNats {
             port,
             child,
             _dir: dir,
@@ -70,6 +81,9 @@ impl PrivateNats {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            if let Ok(Some(status)) = nats.child.try_wait() {
+                return Err(format!("nats-server exited at start-up ({status})"));
+            }
             if let Ok(mut conn) = NatsConn::connect(port, 0).await {
                 let create = br#"{"name":"BENCH","subjects":["bench.>"],"storage":"file","retention":"limits","discard":"old"}"#;
                 match conn.request("$JS.API.STREAM.CREATE.BENCH", create).await {

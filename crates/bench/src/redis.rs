@@ -14,8 +14,20 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     /// Starts `redis-server` on a free loopback port in a fresh temp dir: every write is
-    /// fsync'd before the reply (`appendfsync always`).
+    /// fsync'd before the reply (`appendfsync always`). Retries on another port if the chosen
+    /// one was taken in the meantime.
     pub async fn start() -> Result<PrivateRedis, String> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::start_once().await {
+                Ok(redis) => return Ok(redis),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn start_once() -> Result<PrivateRedis, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -42,8 +54,12 @@ impl PrivateRedis {
             child,
             _dir: dir,
         };
+        let mut redis = redis;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            if let Ok(Some(status)) = redis.child.try_wait() {
+                return Err(format!("redis-server exited at start-up ({status})"));
+            }
             if let Ok(mut conn) = Resp::connect(port).await {
                 if conn.command(&[b"PING"]).await.is_ok() {
                     return Ok(redis);
