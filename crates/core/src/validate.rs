@@ -5,6 +5,7 @@
 use crate::ids::{SessionId, SessionIdError};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -20,25 +21,23 @@ pub enum ValidationError {
     SessionId(#[from] SessionIdError),
 }
 
-type Fields = HashMap<String, Box<RawValue>>;
+/// The top-level fields of a body, each borrowing its exact text from the body: one parse,
+/// no copy of the values.
+type Fields<'a> = HashMap<Cow<'a, str>, &'a RawValue>;
 
-fn parse_object(body: &[u8]) -> Result<Fields, ValidationError> {
-    let value: Box<RawValue> =
-        serde_json::from_slice(body).map_err(|e| ValidationError::Json(e.to_string()))?;
-    if !value.get().starts_with('{') {
-        return Err(ValidationError::Field(
-            "request body must be a JSON object".into(),
-        ));
-    }
-    serde_json::from_str(value.get()).map_err(|e| ValidationError::Json(e.to_string()))
+fn parse_object(body: &[u8]) -> Result<Fields<'_>, ValidationError> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        // Well-formed JSON of the wrong shape (an array, a string…) is a rule violation.
+        serde_json::error::Category::Data => {
+            ValidationError::Field("request body must be a JSON object".into())
+        }
+        _ => ValidationError::Json(e.to_string()),
+    })
 }
 
 /// Present and not `null`.
-fn present<'a>(fields: &'a Fields, name: &str) -> Option<&'a RawValue> {
-    fields
-        .get(name)
-        .map(|v| v.as_ref())
-        .filter(|v| v.get() != "null")
+fn present<'a>(fields: &Fields<'a>, name: &str) -> Option<&'a RawValue> {
+    fields.get(name).copied().filter(|v| v.get() != "null")
 }
 
 fn string_field(fields: &Fields, name: &str) -> Result<Option<String>, ValidationError> {
@@ -217,22 +216,29 @@ fn fingerprint(
     refs: &Value,
 ) -> u128 {
     let mut hasher = Xxh3::new();
-    let mut part = |bytes: &[u8]| {
+    let mut buf = Vec::with_capacity(256);
+    let part = |hasher: &mut Xxh3, bytes: &[u8]| {
         hasher.update(&(bytes.len() as u64).to_le_bytes());
         hasher.update(bytes);
     };
-    part(event_type.as_bytes());
-    part(payload.to_string().as_bytes());
-    part(actor.as_bytes());
+    let mut json_part = |hasher: &mut Xxh3, value: &Value| {
+        buf.clear();
+        // Serialising a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut buf, value);
+        part(hasher, &buf);
+    };
+    part(&mut hasher, event_type.as_bytes());
+    json_part(&mut hasher, payload);
+    part(&mut hasher, actor.as_bytes());
     match source {
         Some(s) => {
-            part(b"some");
-            part(s.as_bytes())
+            part(&mut hasher, b"some");
+            part(&mut hasher, s.as_bytes())
         }
-        None => part(b"none"),
+        None => part(&mut hasher, b"none"),
     }
-    part(metadata.to_string().as_bytes());
-    part(refs.to_string().as_bytes());
+    json_part(&mut hasher, metadata);
+    json_part(&mut hasher, refs);
     hasher.digest128()
 }
 

@@ -141,9 +141,7 @@ async fn track_requests(mut req: Request, next: Next) -> Response {
     if let Ok(value) = header::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
-    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "method" => method.to_string(), "status" => status.as_u16().to_string())
-        .increment(1);
-    metrics::histogram!(m::HTTP_LATENCY, "route" => route).record(elapsed.as_secs_f64());
+    m::record_request(&route, &method, status, elapsed);
     response
 }
 
@@ -253,19 +251,17 @@ pub(crate) async fn append_event(
         AppendRequest::parse(&body).map_err(|e| ApiError::from_validation(e, "invalid_event"))?;
     let payload_len = req.payload.len();
     let outcome = node.append(session_id, req).await?;
-    if outcome.deduped {
-        metrics::counter!(m::APPEND_DEDUPED_TOTAL).increment(1);
-    } else {
-        metrics::counter!(m::APPEND_TOTAL).increment(1);
-        metrics::histogram!(m::PAYLOAD_BYTES).record(payload_len as f64);
-        metrics::histogram!(m::APPEND_LATENCY).record(started.elapsed().as_secs_f64());
-    }
-    let body = serde_json::json!({
-        "seq": outcome.seq,
-        "last_seq": outcome.last_seq,
-        "deduped": outcome.deduped,
-    });
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    m::record_append(outcome.deduped, payload_len, started.elapsed());
+    let body = format!(
+        r#"{{"seq":{},"last_seq":{},"deduped":{}}}"#,
+        outcome.seq, outcome.last_seq, outcome.deduped
+    );
+    Ok((
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",

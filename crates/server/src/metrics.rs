@@ -84,3 +84,79 @@ pub fn record_node_stats(stats: &NodeStats) {
         .set(stats.recovery_records_replayed as f64);
     metrics::gauge!("starcite_recovery_duration_ms").set(stats.recovery_millis as f64);
 }
+
+/// Metric handles resolved once: the hot path records without hashing a key per call.
+struct AppendMetrics {
+    appended: metrics::Counter,
+    deduped: metrics::Counter,
+    payload: metrics::Histogram,
+    latency: metrics::Histogram,
+}
+
+fn append_metrics() -> &'static AppendMetrics {
+    static HANDLES: std::sync::OnceLock<AppendMetrics> = std::sync::OnceLock::new();
+    HANDLES.get_or_init(|| AppendMetrics {
+        appended: metrics::counter!(APPEND_TOTAL),
+        deduped: metrics::counter!(APPEND_DEDUPED_TOTAL),
+        payload: metrics::histogram!(PAYLOAD_BYTES),
+        latency: metrics::histogram!(APPEND_LATENCY),
+    })
+}
+
+pub fn record_append(deduped: bool, payload_bytes: usize, elapsed: std::time::Duration) {
+    let m = append_metrics();
+    if deduped {
+        m.deduped.increment(1);
+    } else {
+        m.appended.increment(1);
+        m.payload.record(payload_bytes as f64);
+        m.latency.record(elapsed.as_secs_f64());
+    }
+}
+
+type RequestKey = (String, axum::http::Method, u16);
+
+/// The label for any non-standard method.
+fn other_method() -> &'static axum::http::Method {
+    static OTHER: std::sync::OnceLock<axum::http::Method> = std::sync::OnceLock::new();
+    OTHER.get_or_init(|| {
+        axum::http::Method::from_bytes(b"OTHER").unwrap_or(axum::http::Method::TRACE)
+    })
+}
+
+/// Per-route request count and latency, with handles cached per (route, method, status).
+pub fn record_request(
+    route: &str,
+    method: &axum::http::Method,
+    status: axum::http::StatusCode,
+    elapsed: std::time::Duration,
+) {
+    use parking_lot::RwLock;
+    use std::collections::HashMap;
+    static HANDLES: std::sync::OnceLock<
+        RwLock<HashMap<RequestKey, (metrics::Counter, metrics::Histogram)>>,
+    > = std::sync::OnceLock::new();
+    let handles = HANDLES.get_or_init(Default::default);
+    // Only standard methods get their own series, so clients cannot grow the map.
+    let method = match *method {
+        axum::http::Method::GET
+        | axum::http::Method::POST
+        | axum::http::Method::PUT
+        | axum::http::Method::DELETE
+        | axum::http::Method::HEAD
+        | axum::http::Method::OPTIONS
+        | axum::http::Method::PATCH => method,
+        _ => other_method(),
+    };
+    let key = (route.to_owned(), method.clone(), status.as_u16());
+    if let Some((count, latency)) = handles.read().get(&key) {
+        count.increment(1);
+        latency.record(elapsed.as_secs_f64());
+        return;
+    }
+    let count = metrics::counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method.to_string(), "status" => status.as_u16().to_string());
+    let latency = metrics::histogram!(HTTP_LATENCY, "route" => route.to_owned());
+    count.increment(1);
+    latency.record(elapsed.as_secs_f64());
+    handles.write().insert(key, (count, latency));
+}
