@@ -394,6 +394,10 @@ impl Node {
         if !self.is_ready() {
             return Err(unavailable_log());
         }
+        // Fast path without arming a timer: a slot is almost always free.
+        if let Ok(permit) = self.inflight.try_acquire() {
+            return Ok(permit);
+        }
         match tokio::time::timeout(self.config.request_timeout, self.inflight.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(NodeError::Unavailable(
