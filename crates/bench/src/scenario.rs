@@ -385,57 +385,48 @@ impl Target for RetryTarget {
 
 /// `expected_seq` appends, one writer per session.
 pub async fn starcite_ordered(url: &str, load: &Load) -> Result<RunResult, String> {
-    let run = run_id();
-    // At least one session per worker, so that every session has exactly one writer.
+    // At least one session per worker and a multiple of the workers, so that round-robin
+    // gives every session exactly one writer.
     let sessions = load.sessions.max(load.connections);
     let load = Load {
         sessions: sessions - sessions % load.connections,
         ..load.clone()
     };
-    create_sessions(url, &run, load.sessions).await?;
-    let mut targets = Vec::new();
-    for _ in 0..load.connections {
-        targets.push(OrderedTarget {
-            conn: Conn::connect(url).await?,
-            run: run.clone(),
-            text: load.payload_text(),
+    let text = load.payload_text();
+    run_starcite(
+        url,
+        &load,
+        "ordered (expected_seq)",
+        "one writer per session",
+        |conn, run, _| OrderedTarget {
+            conn,
+            run,
+            text: text.clone(),
             last: HashMap::new(),
             violations: 0,
-        });
-    }
-    let results = run_load(&load, targets).await?;
-    Ok(merge(
-        "starcite",
-        "ordered (expected_seq)",
-        &load,
-        results,
-        "one writer per session",
-    ))
+        },
+    )
+    .await
 }
 
 /// Every append sent twice with the same idempotency key (latency per pair).
 pub async fn starcite_retries(url: &str, load: &Load) -> Result<RunResult, String> {
-    let run = run_id();
-    create_sessions(url, &run, load.sessions).await?;
-    let mut targets = Vec::new();
-    for worker in 0..load.connections {
-        targets.push(RetryTarget {
-            conn: Conn::connect(url).await?,
-            run: run.clone(),
-            text: load.payload_text(),
+    let text = load.payload_text();
+    run_starcite(
+        url,
+        load,
+        "idempotent retries (x2)",
+        "ops = pairs; second of each pair must be deduped",
+        |conn, run, worker| RetryTarget {
+            conn,
+            run,
+            text: text.clone(),
             n: 0,
             worker,
             violations: 0,
-        });
-    }
-    let results = run_load(load, targets).await?;
-    Ok(merge(
-        "starcite",
-        "idempotent retries (x2)",
-        load,
-        results,
-        "ops = pairs; second of each pair must be deduped",
-    ))
+        },
+    )
+    .await
 }
 
 struct NatsTarget {
@@ -506,27 +497,45 @@ async fn run_load<T: Target + 'static>(
     Ok(results)
 }
 
-/// Hot-path appends against a Starcite node.
-pub async fn starcite_append(url: &str, load: &Load) -> Result<RunResult, String> {
+/// Creates the sessions, opens one connection per worker, builds each worker's target with
+/// `make(connection, run id, worker)` and runs the load.
+async fn run_starcite<T, F>(
+    url: &str,
+    load: &Load,
+    scenario: &str,
+    notes: &str,
+    make: F,
+) -> Result<RunResult, String>
+where
+    T: Target + 'static,
+    F: Fn(Conn, String, usize) -> T,
+{
     let run = run_id();
     create_sessions(url, &run, load.sessions).await?;
     let mut targets = Vec::new();
-    for _ in 0..load.connections {
-        targets.push(StarciteTarget {
-            conn: Conn::connect(url).await?,
-            run: run.clone(),
-            text: load.payload_text(),
-            n: 0,
-        });
+    for worker in 0..load.connections {
+        targets.push(make(Conn::connect(url).await?, run.clone(), worker));
     }
     let results = run_load(load, targets).await?;
-    Ok(merge(
-        "starcite",
-        "append",
+    Ok(merge("starcite", scenario, load, results, notes))
+}
+
+/// Hot-path appends against a Starcite node.
+pub async fn starcite_append(url: &str, load: &Load) -> Result<RunResult, String> {
+    let text = load.payload_text();
+    run_starcite(
+        url,
         load,
-        results,
+        "append",
         "ack after fsync (group commit)",
-    ))
+        |conn, run, _| StarciteTarget {
+            conn,
+            run,
+            text: text.clone(),
+            n: 0,
+        },
+    )
+    .await
 }
 
 /// The same workload as `XADD` on a private Redis with `appendfsync always`.

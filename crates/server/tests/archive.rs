@@ -10,7 +10,7 @@ mod pg;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::{create, Server};
+use support::{all_events, create, metric, ws_events, Server};
 use tokio_tungstenite::tungstenite::Message;
 
 const FAST_ARCHIVE: [(&str, &str); 2] = [
@@ -42,17 +42,15 @@ async fn append_n(
     frames
 }
 
-async fn metric(server: &Server, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", server.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+/// Waits until the archive holds every durable event.
+async fn wait_archived(server: &Server) {
+    wait_metric(
+        server,
+        "starcite_archive_pending_rows",
+        |v| v == 0.0,
+        Duration::from_secs(60),
+    )
+    .await;
 }
 
 async fn wait_metric(server: &Server, name: &str, ok: impl Fn(f64) -> bool, within: Duration) {
@@ -70,43 +68,6 @@ async fn wait_metric(server: &Server, name: &str, ok: impl Fn(f64) -> bool, with
     }
 }
 
-async fn ws_all(server: &Server, id: &str, cursor: u64, count: usize) -> Vec<Value> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(
-        server.ws_url(&format!("/v1/sessions/{id}/tail?cursor={cursor}")),
-    )
-    .await
-    .expect("ws");
-    let mut out = Vec::new();
-    while out.len() < count {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("frame within 10 s")
-            .expect("open")
-            .expect("ok");
-        match msg {
-            Message::Text(t) => out.push(serde_json::from_str(&t).expect("json")),
-            Message::Close(frame) => panic!("tail closed early: {frame:?}"),
-            _ => {}
-        }
-    }
-    out
-}
-
-async fn page_all(client: &reqwest::Client, server: &Server, id: &str) -> Vec<Value> {
-    let page: Value = client
-        .get(format!(
-            "{}/v1/sessions/{id}/events?cursor=0&limit=1000",
-            server.url()
-        ))
-        .send()
-        .await
-        .expect("events")
-        .json()
-        .await
-        .expect("json");
-    page["events"].as_array().expect("events").clone()
-}
-
 fn assert_contiguous(events: &[Value], from: u64) {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(
@@ -122,13 +83,7 @@ async fn tiers_round_trip(mut server: Server) -> Server {
     let client = reqwest::Client::new();
     create(&client, &server, "cold").await;
     append_n(&client, &server, "cold", 1, 300).await;
-    wait_metric(
-        &server,
-        "starcite_archive_pending_rows",
-        |v| v == 0.0,
-        Duration::from_secs(20),
-    )
-    .await;
+    wait_archived(&server).await;
     wait_metric(
         &server,
         "starcite_archive_trimmed_total",
@@ -141,10 +96,10 @@ async fn tiers_round_trip(mut server: Server) -> Server {
         300.0
     );
 
-    let tail = ws_all(&server, "cold", 0, 300).await;
+    let tail = ws_events(&server, "cold", 0, 300).await;
     assert_contiguous(&tail, 1);
-    assert_contiguous(&page_all(&client, &server, "cold").await, 1);
-    assert_contiguous(&ws_all(&server, "cold", 150, 150).await, 151);
+    assert_contiguous(&all_events(&client, &server, "cold").await, 1);
+    assert_contiguous(&ws_events(&server, "cold", 150, 150).await, 151);
 
     // Idempotency keys outlive trimming.
     let retry = json!({"type": "t", "actor": "a", "payload": {"i": 1, "pad": "x".repeat(50)}, "idempotency_key": "k1"});
@@ -164,17 +119,11 @@ async fn tiers_round_trip(mut server: Server) -> Server {
 
     // After a crash the archive marks come back from the log; replay still spans both tiers.
     server.restart().await;
-    assert_contiguous(&ws_all(&server, "cold", 0, 300).await, 1);
+    assert_contiguous(&ws_events(&server, "cold", 0, 300).await, 1);
     append_n(&client, &server, "cold", 301, 310).await;
-    let all = ws_all(&server, "cold", 0, 310).await;
+    let all = ws_events(&server, "cold", 0, 310).await;
     assert_contiguous(&all, 1);
-    wait_metric(
-        &server,
-        "starcite_archive_pending_rows",
-        |v| v == 0.0,
-        Duration::from_secs(20),
-    )
-    .await;
+    wait_archived(&server).await;
     server
 }
 
@@ -225,18 +174,12 @@ async fn postgres_outage_keeps_appends_working_and_catches_up_exactly_once() {
     let client = reqwest::Client::new();
     create(&client, &server, "o").await;
     append_n(&client, &server, "o", 1, 50).await;
-    wait_metric(
-        &server,
-        "starcite_archive_pending_rows",
-        |v| v == 0.0,
-        Duration::from_secs(20),
-    )
-    .await;
+    wait_archived(&server).await;
 
     pg.stop();
     // Appends, and tails of what memory holds, keep working while the archive is down.
     append_n(&client, &server, "o", 51, 250).await;
-    assert_contiguous(&ws_all(&server, "o", 40, 210).await, 41);
+    assert_contiguous(&ws_events(&server, "o", 40, 210).await, 41);
     // A replay that needs the archive waits for it instead of failing or skipping.
     let url = server.ws_url("/v1/sessions/o/tail?cursor=0");
     let waiting = tokio::spawn(async move {
@@ -278,13 +221,7 @@ async fn postgres_outage_keeps_appends_working_and_catches_up_exactly_once() {
         waiting.await.expect("tail"),
         (1..=250).collect::<Vec<u64>>()
     );
-    wait_metric(
-        &server,
-        "starcite_archive_pending_rows",
-        |v| v == 0.0,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_archived(&server).await;
     let pool = sqlx::PgPool::connect(&pg.url).await.expect("connect");
     let (count, distinct, max): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT seq), max(seq) FROM events WHERE session_id = 'o'",
@@ -297,5 +234,5 @@ async fn postgres_outage_keeps_appends_working_and_catches_up_exactly_once() {
         (250, 250, 250),
         "every event archived exactly once"
     );
-    assert_contiguous(&ws_all(&server, "o", 0, 250).await, 1);
+    assert_contiguous(&ws_events(&server, "o", 0, 250).await, 1);
 }

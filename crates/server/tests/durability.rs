@@ -5,31 +5,7 @@
 mod support;
 
 use std::time::Duration;
-use support::{append, create, Server};
-
-async fn all_events(client: &reqwest::Client, server: &Server, id: &str) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let mut cursor = 0;
-    loop {
-        let page: serde_json::Value = client
-            .get(format!(
-                "{}/v1/sessions/{id}/events?cursor={cursor}&limit=1000",
-                server.url()
-            ))
-            .send()
-            .await
-            .expect("events")
-            .json()
-            .await
-            .expect("json");
-        let events = page["events"].as_array().expect("events array").clone();
-        if events.is_empty() {
-            return out;
-        }
-        cursor = page["next_cursor"].as_u64().expect("next_cursor");
-        out.extend(events);
-    }
-}
+use support::{all_events, append, create, Server};
 
 fn segments(server: &Server) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(server.data_dir().join("log"))

@@ -474,12 +474,7 @@ async fn cli_tail_follows_and_resumes_after_a_server_restart() {
 #[tokio::test]
 async fn every_contract_metric_name_is_exposed() {
     let server = Server::start(&[]).await;
-    let text = reqwest::get(format!("{}/metrics", server.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = support::metrics_text(&server).await;
     for name in [
         "starcite_events_append_total",
         "starcite_events_payload_bytes",

@@ -187,3 +187,81 @@ pub async fn append(
     let body: serde_json::Value = r.json().await.expect("ack json");
     body["seq"].as_u64().expect("seq")
 }
+
+pub async fn metrics_text(server: &Server) -> String {
+    reqwest::get(format!("{}/metrics", server.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The value of an unlabelled metric.
+pub async fn metric(server: &Server, name: &str) -> f64 {
+    metrics_text(server)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Every event of a session over the paged HTTP read, oldest first.
+pub async fn all_events(
+    client: &reqwest::Client,
+    server: &Server,
+    id: &str,
+) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page: serde_json::Value = client
+            .get(format!(
+                "{}/v1/sessions/{id}/events?cursor={cursor}&limit=1000",
+                server.url()
+            ))
+            .send()
+            .await
+            .expect("events")
+            .json()
+            .await
+            .expect("json");
+        let events = page["events"].as_array().expect("events array").clone();
+        if events.is_empty() {
+            return out;
+        }
+        cursor = page["next_cursor"].as_u64().expect("next_cursor");
+        out.extend(events);
+    }
+}
+
+/// Opens a WebSocket tail and reads `count` event frames (10 s per frame at most).
+pub async fn ws_events(
+    server: &Server,
+    id: &str,
+    cursor: u64,
+    count: usize,
+) -> Vec<serde_json::Value> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(
+        server.ws_url(&format!("/v1/sessions/{id}/tail?cursor={cursor}")),
+    )
+    .await
+    .expect("ws");
+    let mut out = Vec::new();
+    while out.len() < count {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frame within 10 s")
+            .expect("open")
+            .expect("ok");
+        match msg {
+            Message::Text(t) => out.push(serde_json::from_str(&t).expect("json")),
+            Message::Close(frame) => panic!("tail closed early: {frame:?}"),
+            _ => {}
+        }
+    }
+    out
+}
