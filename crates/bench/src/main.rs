@@ -79,6 +79,27 @@ enum Command {
         #[arg(long)]
         with_nats: bool,
     },
+    /// Read/write mix: reads of recent events and optimistic writes with expected_seq.
+    Mix {
+        #[command(flatten)]
+        common: Common,
+        /// Share of operations that are reads, in percent.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+        read_percent: u32,
+    },
+    /// Restart recovery: fills a fresh node with N events over HTTP, kills it with SIGKILL,
+    /// restarts it and reports the time from start to ready (and checks every event is back).
+    Recovery {
+        /// The starcite binary to run.
+        #[arg(long, default_value = "target/release/starcite")]
+        binary: std::path::PathBuf,
+        /// Events to write before the restart.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Sessions they are spread over.
+        #[arg(long, default_value_t = 500)]
+        sessions: usize,
+    },
     /// Fills one session, waits for the archive to hold it, then times a WebSocket replay of
     /// the whole session from cursor 0 (cold tier, then hot).
     Replay {
@@ -259,6 +280,28 @@ async fn run(cli: Cli) -> Result<(), String> {
             out_dir,
             with_nats,
         } => sweep(&common, &levels, &out_dir, with_nats).await,
+        Command::Mix {
+            common,
+            read_percent,
+        } => {
+            let r = scenario::starcite_mix(&common.url, &common.load()?, read_percent).await?;
+            eprintln!("{}", r.notes);
+            report(&common, &[r])
+        }
+        Command::Recovery {
+            binary,
+            events,
+            sessions,
+        } => {
+            if sessions == 0 || events < 64 {
+                return Err("--sessions must be positive and --events at least 64".into());
+            }
+            let (ready, fill) = scenario::recovery(&binary, events, sessions).await?;
+            println!(
+                "recovery: wrote {events} events in {fill:.1}s; after kill -9 the node was ready {ready:.2}s after start, with every event present"
+            );
+            Ok(())
+        }
         Command::Smoke { url } => smoke(&url).await,
     }
 }
@@ -353,6 +396,7 @@ async fn smoke(url: &str) -> Result<(), String> {
     results.push(scenario::starcite_append(url, &open).await?);
     results.push(scenario::starcite_ordered(url, &load).await?);
     results.push(scenario::starcite_retries(url, &load).await?);
+    results.push(scenario::starcite_mix(url, &load, 50).await?);
     results.push(scenario::tail_latency(url, 4, 40, 50.0, Duration::from_secs(3), 200).await?);
     println!("{}", stats::markdown_table(&results));
     let replay = scenario::replay(url, 2_000, 200).await?;

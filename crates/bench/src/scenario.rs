@@ -70,7 +70,8 @@ fn spawn_progress(
 
 /// One worker's connection to the system under test.
 pub trait Target: Send {
-    /// Appends one event to `stream`; returns the position it was acknowledged at.
+    /// Performs one operation on `stream`; returns the position an append was acknowledged at,
+    /// or 0 for an operation without one (a read, a refused optimistic write).
     fn append(
         &mut self,
         stream: usize,
@@ -153,7 +154,7 @@ async fn drive<T: Target>(
 fn ordering_violations(results: &[WorkerResult]) -> u64 {
     let mut per_stream: HashMap<usize, Vec<u64>> = HashMap::new();
     for r in results {
-        for (s, seq) in &r.acked {
+        for (s, seq) in r.acked.iter().filter(|(_, seq)| *seq != 0) {
             per_stream.entry(*s).or_default().push(*seq);
         }
     }
@@ -814,4 +815,203 @@ pub async fn tail_latency(
     );
     r.ops_per_sec = r.ops as f64 / duration.as_secs_f64();
     Ok(r)
+}
+
+/// Read/write mix: each operation is a read (`GET /v1/sessions/:id/events` of the last events)
+/// with probability `read_percent`, otherwise an optimistic write: read the session's
+/// `last_seq`, then append with that `expected_seq`. Losing the race is a `409` the client is
+/// meant to handle; it is counted in the notes, not as an error.
+struct MixTarget {
+    conn: Conn,
+    run: String,
+    text: String,
+    read_percent: u32,
+    n: u64,
+    conflicts: Arc<AtomicU64>,
+}
+
+impl Target for MixTarget {
+    async fn append(&mut self, stream: usize) -> Result<u64, String> {
+        self.n += 1;
+        let session = session_id(&self.run, stream);
+        // A cheap deterministic spread of reads and writes per worker.
+        let is_read = (self.n.wrapping_mul(2_654_435_761) % 100) < u64::from(self.read_percent);
+        let (status, answer) = self
+            .conn
+            .request("GET", &format!("/v1/sessions/{session}"), Bytes::new())
+            .await?;
+        if status != 200 {
+            return Err(format!("session read got {status}"));
+        }
+        let last: u64 = serde_json::from_slice::<serde_json::Value>(&answer)
+            .map_err(|e| format!("bad session: {e}"))?["last_seq"]
+            .as_u64()
+            .ok_or("session without last_seq")?;
+        if is_read {
+            let path = format!(
+                "/v1/sessions/{session}/events?cursor={}&limit=10",
+                last.saturating_sub(10)
+            );
+            let (status, _) = self.conn.request("GET", &path, Bytes::new()).await?;
+            return if status == 200 {
+                Ok(0)
+            } else {
+                Err(format!("events read got {status}"))
+            };
+        }
+        let body = Bytes::from(format!(
+            r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{}"}},"expected_seq":{last}}}"#,
+            self.text
+        ));
+        let (status, answer) = self
+            .conn
+            .request("POST", &format!("/v1/sessions/{session}/append"), body)
+            .await?;
+        match status {
+            201 => parse_seq(&answer),
+            409 => {
+                self.conflicts.fetch_add(1, Ordering::Relaxed);
+                Ok(0)
+            }
+            other => Err(format!(
+                "append got {other}: {}",
+                String::from_utf8_lossy(&answer)
+            )),
+        }
+    }
+}
+
+pub async fn starcite_mix(url: &str, load: &Load, read_percent: u32) -> Result<RunResult, String> {
+    let text = load.payload_text();
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let mut result = run_starcite(
+        url,
+        load,
+        &format!("read/write mix ({read_percent}% reads)"),
+        "",
+        |conn, run, _| MixTarget {
+            conn,
+            run,
+            text: text.clone(),
+            read_percent,
+            n: 0,
+            conflicts: conflicts.clone(),
+        },
+    )
+    .await?;
+    result.notes = format!(
+        "writes use expected_seq from a fresh read; {} lost races answered 409 expected_seq_conflict",
+        conflicts.load(Ordering::Relaxed)
+    );
+    Ok(result)
+}
+
+/// Restart recovery: starts `binary serve` on a fresh data directory, fills it with `events`
+/// events over HTTP, kills it with SIGKILL, starts it again and measures the time from process
+/// start to `/health/ready` answering 200; then checks that every event is there.
+pub async fn recovery(
+    binary: &std::path::Path,
+    events: u64,
+    sessions: usize,
+) -> Result<(f64, f64), String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))?;
+    let url = format!("http://127.0.0.1:{port}");
+    let start = |dir: &std::path::Path| {
+        std::process::Command::new(binary)
+            .arg("serve")
+            .env("PORT", port.to_string())
+            .env("STARCITE_RAFT_DATA_DIR", dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))
+    };
+    let wait_ready = |url: String| async move {
+        let started = Instant::now();
+        loop {
+            if let Ok(mut conn) = Conn::connect(&url).await {
+                if let Ok((200, _)) = conn.request("GET", "/health/ready", Bytes::new()).await {
+                    return Ok(started.elapsed().as_secs_f64());
+                }
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err("not ready within 120 s".to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let mut child = start(dir.path())?;
+    wait_ready(url.clone()).await?;
+    let load = Load {
+        connections: 64,
+        sessions,
+        payload_bytes: 200,
+        duration: Duration::from_secs(3600),
+        warmup: Duration::ZERO,
+        rate: None,
+        quiet: true,
+    };
+    let run = run_id();
+    create_sessions(&url, &run, sessions).await?;
+    let fill_started = Instant::now();
+    let per_worker = events / load.connections as u64;
+    let mut tasks = Vec::new();
+    for w in 0..load.connections {
+        let mut conn = Conn::connect(&url).await?;
+        let run = run.clone();
+        let text = load.payload_text();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_worker {
+                let stream = (w + i as usize * 64) % sessions;
+                let body = Bytes::from(format!(
+                    r#"{{"type":"content","actor":"agent:bench","payload":{{"text":"{text}"}}}}"#
+                ));
+                let path = format!("/v1/sessions/{}/append", session_id(&run, stream));
+                let (status, _) = conn.request("POST", &path, body).await?;
+                if status != 201 {
+                    return Err(format!("append got {status}"));
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| format!("writer crashed: {e}"))??;
+    }
+    let fill_secs = fill_started.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut child = start(dir.path())?;
+    let ready = wait_ready(url.clone()).await;
+    let mut total = 0u64;
+    if ready.is_ok() {
+        let mut conn = Conn::connect(&url).await?;
+        for s in 0..sessions {
+            let (_, body) = conn
+                .request(
+                    "GET",
+                    &format!("/v1/sessions/{}", session_id(&run, s)),
+                    Bytes::new(),
+                )
+                .await?;
+            total += serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["last_seq"].as_u64())
+                .unwrap_or(0);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let ready = ready?;
+    if total != per_worker * load.connections as u64 {
+        return Err(format!(
+            "after the restart the sessions hold {total} events, {} were acknowledged",
+            per_worker * load.connections as u64
+        ));
+    }
+    Ok((ready, fill_secs))
 }
