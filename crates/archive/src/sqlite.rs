@@ -24,23 +24,27 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         archived_seq INTEGER NOT NULL DEFAULT 0
     )",
-    // Only the frame is written; every field is a virtual column computed from it on read,
-    // so the embedded archive costs one small row per event on the write path.
-    "CREATE TABLE IF NOT EXISTS events (
+    // Only (session, seq, frame) is written: the embedded archive costs one small row per
+    // event. `events` is a view with a column for every field, computed from the frame.
+    "CREATE TABLE IF NOT EXISTS event_frames (
         session_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
-        frame TEXT NOT NULL,
-        type TEXT GENERATED ALWAYS AS (json_extract(frame, '$.type')) VIRTUAL,
-        payload TEXT GENERATED ALWAYS AS (json_extract(frame, '$.payload')) VIRTUAL,
-        actor TEXT GENERATED ALWAYS AS (json_extract(frame, '$.actor')) VIRTUAL,
-        source TEXT GENERATED ALWAYS AS (json_extract(frame, '$.source')) VIRTUAL,
-        metadata TEXT GENERATED ALWAYS AS (json_extract(frame, '$.metadata')) VIRTUAL,
-        refs TEXT GENERATED ALWAYS AS (json_extract(frame, '$.refs')) VIRTUAL,
-        idempotency_key TEXT GENERATED ALWAYS AS (json_extract(frame, '$.idempotency_key')) VIRTUAL,
-        inserted_at TEXT GENERATED ALWAYS AS (json_extract(frame, '$.inserted_at')) VIRTUAL
+        frame TEXT NOT NULL
     )",
-    // Rows go to the end of the rowid tree (cheap appends); the key lives in a small index.
-    "CREATE UNIQUE INDEX IF NOT EXISTS events_session_seq ON events (session_id, seq)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS event_frames_session_seq ON event_frames (session_id, seq)",
+    "CREATE VIEW IF NOT EXISTS events AS SELECT
+        session_id,
+        seq,
+        json_extract(frame, '$.type') AS type,
+        json_extract(frame, '$.payload') AS payload,
+        json_extract(frame, '$.actor') AS actor,
+        json_extract(frame, '$.source') AS source,
+        json_extract(frame, '$.metadata') AS metadata,
+        json_extract(frame, '$.refs') AS refs,
+        json_extract(frame, '$.idempotency_key') AS idempotency_key,
+        json_extract(frame, '$.inserted_at') AS inserted_at,
+        frame
+     FROM event_frames",
 ];
 
 pub struct SqliteArchive {
@@ -116,7 +120,7 @@ impl SqliteArchive {
             // RETURNING yields only the rows actually inserted (ignored duplicates are not
             // returned), so inserted rows and bytes are exact.
             let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT OR IGNORE INTO events (session_id, seq, frame) ");
+                QueryBuilder::new("INSERT OR IGNORE INTO event_frames (session_id, seq, frame) ");
             q.push_values(&parsed, |mut row, (event, frame)| {
                 row.push_bind(&event.session_id)
                     .push_bind(event.seq as i64)
@@ -147,7 +151,7 @@ impl SqliteArchive {
         limit: usize,
     ) -> Result<Vec<Bytes>, ArchiveError> {
         let rows = sqlx::query(
-            "SELECT frame FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT frame FROM event_frames WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(session_id)
         .bind(after_seq as i64)
@@ -165,10 +169,10 @@ impl SqliteArchive {
 
     pub async fn contiguous_seq(&self, session_id: &str) -> Result<u64, ArchiveError> {
         let row = sqlx::query(
-            "SELECT coalesce(min(e.seq), 0) AS s FROM events e
+            "SELECT coalesce(min(e.seq), 0) AS s FROM event_frames e
              WHERE e.session_id = ?1
-               AND NOT EXISTS (SELECT 1 FROM events n WHERE n.session_id = e.session_id AND n.seq = e.seq + 1)
-               AND EXISTS (SELECT 1 FROM events o WHERE o.session_id = ?1 AND o.seq = 1)",
+               AND NOT EXISTS (SELECT 1 FROM event_frames n WHERE n.session_id = e.session_id AND n.seq = e.seq + 1)
+               AND EXISTS (SELECT 1 FROM event_frames o WHERE o.session_id = ?1 AND o.seq = 1)",
         )
         .bind(session_id)
         .fetch_one(&self.pool)

@@ -118,26 +118,17 @@ async fn track_requests(mut req: Request, next: Next) -> Response {
     if let Ok(value) = header::HeaderValue::from_str(&request_id) {
         req.headers_mut().insert(REQUEST_ID, value);
     }
-    let span = tracing::info_span!("request", id = %request_id, %method, route = %route);
     let started = Instant::now();
-    let mut response = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let mut response = next.run(req).await;
     let status = response.status();
     let elapsed = started.elapsed();
-    span.in_scope(|| {
-        if status.is_server_error() {
-            tracing::warn!(
-                status = status.as_u16(),
-                ms = elapsed.as_millis() as u64,
-                "request failed"
-            );
-        } else {
-            tracing::debug!(
-                status = status.as_u16(),
-                ms = elapsed.as_millis() as u64,
-                "request"
-            );
-        }
-    });
+    // One event per request carrying its id (no span: the fmt layer would format a span's
+    // fields for every request even when nothing inside it logs).
+    if status.is_server_error() {
+        tracing::warn!(request_id = %request_id, %method, %route, status = status.as_u16(), ms = elapsed.as_millis() as u64, "request failed");
+    } else {
+        tracing::debug!(request_id = %request_id, %method, %route, status = status.as_u16(), ms = elapsed.as_millis() as u64, "request");
+    }
     if let Ok(value) = header::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
