@@ -194,7 +194,12 @@ async fn ws_tail(
             if *shutdown.borrow() {
                 break 'outer WsEnd::Shutdown;
             }
-            let batch = match read_retrying(&reader, &session_id, cursor, &mut shutdown).await {
+            // A client that leaves while we wait for the archive ends the wait too.
+            let read = tokio::select! {
+                read = read_retrying(&reader, &session_id, cursor, &mut shutdown) => read,
+                _ = &mut gone => break 'outer WsEnd::ClientGone,
+            };
+            let batch = match read {
                 Ok(batch) => batch,
                 Err(ReadError::Api(e)) if e.code == "unavailable" && *shutdown.borrow() => {
                     break 'outer WsEnd::Shutdown
