@@ -117,8 +117,6 @@ impl SqliteArchive {
                 stats.bytes_attempted += frame.len() as u64;
                 parsed.push((event, frame));
             }
-            // RETURNING yields only the rows actually inserted (ignored duplicates are not
-            // returned), so inserted rows and bytes are exact.
             let mut q: QueryBuilder<Sqlite> =
                 QueryBuilder::new("INSERT OR IGNORE INTO event_frames (session_id, seq, frame) ");
             q.push_values(&parsed, |mut row, (event, frame)| {
@@ -126,19 +124,28 @@ impl SqliteArchive {
                     .push_bind(event.seq as i64)
                     .push_bind(*frame);
             });
-            q.push(" RETURNING length(CAST(frame AS BLOB))");
-            let inserted = q.build().fetch_all(&mut *tx).await?;
-            stats.inserted += inserted.len() as u64;
-            for row in inserted {
-                stats.bytes_inserted += row.try_get::<i64, _>(0)? as u64;
-            }
+            let inserted = q.build().execute(&mut *tx).await?.rows_affected();
+            let chunk_bytes: u64 = parsed.iter().map(|(_, f)| f.len() as u64).sum();
+            stats.inserted += inserted;
+            // Exact when all or none of the chunk is new (every batch but a partly re-sent
+            // one); a partly re-sent chunk is counted pro rata.
+            stats.bytes_inserted += if inserted == parsed.len() as u64 {
+                chunk_bytes
+            } else {
+                chunk_bytes * inserted / parsed.len().max(1) as u64
+            };
         }
-        for (id, max) in max_seq_per_session(events) {
-            sqlx::query("UPDATE sessions SET archived_seq = max(archived_seq, ?) WHERE id = ?")
-                .bind(max)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+        // One statement advances every session's archive mark in this batch.
+        let marks = max_seq_per_session(events);
+        for chunk in marks.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "UPDATE sessions SET archived_seq = max(sessions.archived_seq, v.column2) FROM (",
+            );
+            q.push_values(chunk, |mut row, (id, max)| {
+                row.push_bind(id).push_bind(*max);
+            });
+            q.push(") AS v WHERE sessions.id = v.column1");
+            q.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(stats)
