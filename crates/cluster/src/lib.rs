@@ -1,16 +1,19 @@
-//! A Starcite node's groups. Sessions hash into `groups` independent state machines; every
-//! group's commands go through the one node-wide log (group commit), and a command's effects
-//! become visible to readers only once the log has fsync'd it.
-//!
-//! Today every group has a single voter: this node. The group is the unit that replication
-//! will work on, so the routing, the per-group log records and the "visible only when durable"
-//! rule are already in the shape a replicated group needs.
+//! A Starcite node's groups. Sessions hash into `groups` openraft groups, each replicated on
+//! up to three nodes; every group's log records go through the one node-wide log (group
+//! commit), and readers see only what a quorum of the group's replicas has made durable.
 
 mod error;
+pub mod log_store;
+mod network;
 mod node;
-mod recovery;
+pub mod placement;
+pub mod rpc;
+pub mod state_machine;
+pub mod transport;
+pub mod types;
 
 pub use error::NodeError;
 pub use node::{
     AppendOutcome, ArchiveBacklog, ArchiveLag, ArchiveRun, Node, NodeConfig, NodeStats,
+    Subscription,
 };

@@ -1,5 +1,7 @@
-//! Commands are what the log stores and what apply consumes. Everything non-deterministic
-//! (timestamps, generated ids, the chosen seq) is decided before a command is proposed.
+//! Commands are what the replicated log stores and what apply consumes. Everything
+//! non-deterministic (timestamps, generated ids) is decided by the leader before a command is
+//! proposed; everything that depends on the state (the seq, dedupe, `expected_seq`) is decided
+//! by apply, against the state every replica reaches in the same order.
 
 use crate::time::Timestamp;
 use bytes::Bytes;
@@ -24,31 +26,37 @@ pub struct CreateCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppendCommand {
     pub session_id: String,
-    /// The seq the leader assigned; apply refuses the command unless it is `last_seq + 1`.
-    pub seq: u64,
     pub idempotency_key: Option<String>,
     pub fingerprint: u128,
+    pub expected_seq: Option<u64>,
     pub inserted_at: Timestamp,
-    /// The rendered event frame (see [`crate::event::render_event`]).
-    pub event: Bytes,
+    /// The rendered event frame without its seq (see [`crate::event::render_event_body`]);
+    /// apply puts the seq it assigns in front.
+    pub body: Bytes,
 }
 
-/// Events `1..=archived_seq` of the session are in the cold archive. Replicas record it and
-/// drop from memory all but the newest `keep_hot` archived events. The leader puts its
+/// Events `1..=archived_seq` of each listed session are in the cold archive. Replicas record
+/// it and drop from memory all but the newest `keep_hot` archived events. The leader puts its
 /// `keep_hot` setting in the command so that every replica trims identically.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveAckCommand {
-    pub session_id: String,
-    pub archived_seq: u64,
+    pub marks: Vec<ArchiveMark>,
     pub keep_hot: u64,
 }
 
-impl Command {
-    pub fn session_id(&self) -> &str {
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveMark {
+    pub session_id: String,
+    pub archived_seq: u64,
+}
+
+/// A one-line summary for logs (never the payload).
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Command::Create(c) => &c.id,
-            Command::Append(a) => &a.session_id,
-            Command::ArchiveAck(a) => &a.session_id,
+            Command::Create(c) => write!(f, "create {}", c.id),
+            Command::Append(a) => write!(f, "append to {}", a.session_id),
+            Command::ArchiveAck(a) => write!(f, "archive marks for {} sessions", a.marks.len()),
         }
     }
 }

@@ -31,11 +31,15 @@ fn push_optional_string(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// Renders the event frame exactly as the contract shows it.
 pub fn render_event(f: &EventFields<'_>) -> Vec<u8> {
+    frame_with_seq(f.seq, &render_event_body(f))
+}
+
+/// Everything of the frame after its seq: `,"type":…,"inserted_at":"…"}`. The leader renders
+/// this before proposing (it does not know the seq yet); apply puts the seq in front.
+pub fn render_event_body(f: &EventFields<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(
-        160 + f.payload.len() + f.metadata.len() + f.refs.len() + f.event_type.len(),
+        140 + f.payload.len() + f.metadata.len() + f.refs.len() + f.event_type.len(),
     );
-    out.extend_from_slice(b"{\"seq\":");
-    out.extend_from_slice(f.seq.to_string().as_bytes());
     out.extend_from_slice(b",\"type\":");
     push_json_string(&mut out, f.event_type);
     out.extend_from_slice(b",\"payload\":");
@@ -53,6 +57,15 @@ pub fn render_event(f: &EventFields<'_>) -> Vec<u8> {
     out.extend_from_slice(b",\"inserted_at\":\"");
     out.extend_from_slice(f.inserted_at.to_string().as_bytes());
     out.extend_from_slice(b"\"}");
+    out
+}
+
+/// The stored frame: `{"seq":N` followed by a body from [`render_event_body`].
+pub fn frame_with_seq(seq: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 28);
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(body);
     out
 }
 

@@ -5,8 +5,25 @@ use std::fmt;
 
 pub const MAX_SESSION_ID_LEN: usize = 256;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Deserialising validates, so an id that crossed the network is as trustworthy as a parsed one.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct SessionId(String);
+
+impl TryFrom<String> for SessionId {
+    type Error = SessionIdError;
+    fn try_from(raw: String) -> Result<Self, SessionIdError> {
+        SessionId::parse(&raw)
+    }
+}
+
+impl From<SessionId> for String {
+    fn from(id: SessionId) -> String {
+        id.0
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionIdError {

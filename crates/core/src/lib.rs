@@ -11,10 +11,10 @@ pub mod state;
 pub mod time;
 pub mod validate;
 
-pub use command::{AppendCommand, ArchiveAckCommand, Command, CreateCommand};
-pub use event::{render_event, EventFields};
+pub use command::{AppendCommand, ArchiveAckCommand, ArchiveMark, Command, CreateCommand};
+pub use event::{frame_with_seq, render_event, render_event_body, EventFields};
 pub use hash::group_of;
 pub use ids::SessionId;
-pub use state::{AppendDecision, Applied, CreateDecision, GroupState, Session, SessionView};
+pub use state::{Applied, GroupState, Session, SessionView};
 pub use time::Timestamp;
 pub use validate::{AppendRequest, CreateRequest, ValidationError};

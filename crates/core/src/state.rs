@@ -1,12 +1,11 @@
 //! The per-group state machine: sessions, their events, `last_seq` and the idempotency window.
 //!
-//! `decide_*` look at the state and turn a validated request into either an answer or a
-//! command to log; `apply` executes a logged command. Apply is deterministic and re-checks the
-//! command against the state, so replaying a log (or a replica applying it) always reaches the
-//! same state even if a command was decided against a view that later changed.
+//! `apply` executes a committed command and returns its answer. It is deterministic, so every
+//! replica (and a replay of the log) reaches the same state and the same answers.
+//! `settled_append` lets a node answer without replicating when the state already decides.
 
-use crate::command::{AppendCommand, ArchiveAckCommand, Command, CreateCommand};
-use crate::event::{render_event, EventFields};
+use crate::command::{AppendCommand, ArchiveMark, Command, CreateCommand};
+use crate::event::{frame_with_seq, render_event_body, EventFields};
 use crate::time::Timestamp;
 use crate::validate::{AppendRequest, CreateRequest};
 use crate::SessionId;
@@ -91,15 +90,35 @@ impl Session {
         self.first_seq
     }
 
-    fn lookup_key(&self, key: &str) -> Option<(u64, u128)> {
-        self.keys.get(key).copied()
+    /// The answer for an append carrying `key` if the key is remembered: a dedupe when the
+    /// event is the same, a conflict when it is not.
+    fn check_key(&self, key: Option<&str>, fingerprint: u128) -> Option<Applied> {
+        let key = key?;
+        let &(seq, known) = self.keys.get(key)?;
+        Some(if known == fingerprint {
+            Applied::Deduped {
+                seq,
+                last_seq: self.last_seq,
+            }
+        } else {
+            Applied::IdempotencyConflict {
+                key: key.to_owned(),
+                seq,
+            }
+        })
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppendDecision {
-    NotFound,
-    /// The same event was already appended under this idempotency key.
+/// What applying a command did; for a client command, its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    Created,
+    SessionExists,
+    SessionNotFound,
+    Appended {
+        seq: u64,
+    },
+    /// The same event was already appended under this idempotency key; nothing appended.
     Deduped {
         seq: u64,
         last_seq: u64,
@@ -112,27 +131,11 @@ pub enum AppendDecision {
         expected: u64,
         current: u64,
     },
-    Accept(AppendCommand),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CreateDecision {
-    Exists,
-    Accept(CreateCommand),
-}
-
-/// What applying a command did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    Created,
-    Appended {
-        seq: u64,
-    },
-    /// The archive mark advanced; `trimmed` events left memory.
+    /// Archive marks advanced; `trimmed` events left memory.
     Archived {
         trimmed: u64,
     },
-    /// The command no longer fitted the state (duplicate create, stale seq, replayed key).
+    /// Nothing to do (an archive mark that does not advance, a blank log entry).
     Ignored,
 }
 
@@ -140,6 +143,55 @@ pub enum Applied {
 pub struct GroupState {
     sessions: HashMap<String, Session>,
     idempotency_window: u64,
+}
+
+impl CreateCommand {
+    /// The leader's command for a validated create request (it stamps the time).
+    pub fn new(id: SessionId, req: &CreateRequest, now: Timestamp) -> Self {
+        CreateCommand {
+            id: id.into_string(),
+            title: req.title.clone(),
+            metadata: req.metadata.clone(),
+            created_at: now,
+        }
+    }
+
+    pub fn view(&self) -> SessionView {
+        SessionView {
+            id: self.id.clone(),
+            title: self.title.clone(),
+            metadata: self.metadata.clone(),
+            created_at: self.created_at,
+            updated_at: self.created_at,
+            last_seq: 0,
+        }
+    }
+}
+
+impl AppendCommand {
+    /// The leader's command for a validated append request: it stamps `inserted_at` and
+    /// renders everything of the event but its seq, which apply assigns.
+    pub fn new(session_id: &str, req: &AppendRequest, now: Timestamp) -> Self {
+        let body = render_event_body(&EventFields {
+            seq: 0,
+            event_type: &req.event_type,
+            payload: &req.payload,
+            actor: &req.actor,
+            source: req.source.as_deref(),
+            metadata: &req.metadata,
+            refs: &req.refs,
+            idempotency_key: req.idempotency_key.as_deref(),
+            inserted_at: now,
+        });
+        AppendCommand {
+            session_id: session_id.to_owned(),
+            idempotency_key: req.idempotency_key.clone(),
+            fingerprint: req.fingerprint,
+            expected_seq: req.expected_seq,
+            inserted_at: now,
+            body: Bytes::from(body),
+        }
+    }
 }
 
 impl GroupState {
@@ -168,84 +220,33 @@ impl GroupState {
         self.sessions.values()
     }
 
-    pub fn decide_create(
-        &self,
-        id: SessionId,
-        req: &CreateRequest,
-        now: Timestamp,
-    ) -> CreateDecision {
-        if self.sessions.contains_key(id.as_str()) {
-            return CreateDecision::Exists;
+    /// The answer to an append when the current state already decides it for good, so the
+    /// request need not be replicated: a known idempotency key (dedupe or conflict), or an
+    /// `expected_seq` the session has already passed (seqs never go back). `None` means only
+    /// apply can decide. Idempotency comes first, as in apply.
+    pub fn settled_append(&self, session_id: &str, req: &AppendRequest) -> Option<Applied> {
+        let session = self.sessions.get(session_id)?;
+        if let Some(answer) = session.check_key(req.idempotency_key.as_deref(), req.fingerprint) {
+            return Some(answer);
         }
-        CreateDecision::Accept(CreateCommand {
-            id: id.into_string(),
-            title: req.title.clone(),
-            metadata: req.metadata.clone(),
-            created_at: now,
-        })
+        match req.expected_seq {
+            Some(expected) if expected < session.last_seq => Some(Applied::ExpectedSeqConflict {
+                expected,
+                current: session.last_seq,
+            }),
+            _ => None,
+        }
     }
 
-    /// Idempotency is decided before `expected_seq`, so a retry of an append that already
-    /// succeeded is answered as a dedupe even though its `expected_seq` is now stale.
-    pub fn decide_append(
-        &self,
-        session_id: &str,
-        req: &AppendRequest,
-        now: Timestamp,
-    ) -> AppendDecision {
-        let Some(session) = self.sessions.get(session_id) else {
-            return AppendDecision::NotFound;
-        };
-        if let Some(key) = &req.idempotency_key {
-            if let Some((seq, fingerprint)) = session.lookup_key(key) {
-                return if fingerprint == req.fingerprint {
-                    AppendDecision::Deduped {
-                        seq,
-                        last_seq: session.last_seq,
-                    }
-                } else {
-                    AppendDecision::IdempotencyConflict {
-                        key: key.clone(),
-                        seq,
-                    }
-                };
-            }
-        }
-        if let Some(expected) = req.expected_seq {
-            if expected != session.last_seq {
-                return AppendDecision::ExpectedSeqConflict {
-                    expected,
-                    current: session.last_seq,
-                };
-            }
-        }
-        let seq = session.last_seq + 1;
-        let event = render_event(&EventFields {
-            seq,
-            event_type: &req.event_type,
-            payload: &req.payload,
-            actor: &req.actor,
-            source: req.source.as_deref(),
-            metadata: &req.metadata,
-            refs: &req.refs,
-            idempotency_key: req.idempotency_key.as_deref(),
-            inserted_at: now,
-        });
-        AppendDecision::Accept(AppendCommand {
-            session_id: session_id.to_owned(),
-            seq,
-            idempotency_key: req.idempotency_key.clone(),
-            fingerprint: req.fingerprint,
-            inserted_at: now,
-            event: Bytes::from(event),
-        })
-    }
-
+    /// Applies a committed command. Deterministic: the same commands in the same order give
+    /// the same state and answers on every replica. Idempotency is decided before
+    /// `expected_seq`, so a retry of an append that already succeeded is answered as a dedupe
+    /// even though its `expected_seq` is now stale.
     pub fn apply(&mut self, cmd: &Command) -> Applied {
         match cmd {
             Command::Create(c) => {
                 if self.sessions.contains_key(&c.id) {
-                    return Applied::Ignored;
+                    return Applied::SessionExists;
                 }
                 self.sessions.insert(c.id.clone(), Session::new(c));
                 Applied::Created
@@ -253,66 +254,87 @@ impl GroupState {
             Command::Append(a) => {
                 let window = self.idempotency_window;
                 let Some(session) = self.sessions.get_mut(&a.session_id) else {
-                    return Applied::Ignored;
+                    return Applied::SessionNotFound;
                 };
-                if a.seq != session.last_seq + 1 {
-                    return Applied::Ignored;
+                if let Some(answer) = session.check_key(a.idempotency_key.as_deref(), a.fingerprint)
+                {
+                    return answer;
                 }
-                if let Some(key) = &a.idempotency_key {
-                    if session.keys.contains_key(key) {
-                        return Applied::Ignored;
+                if let Some(expected) = a.expected_seq {
+                    if expected != session.last_seq {
+                        return Applied::ExpectedSeqConflict {
+                            expected,
+                            current: session.last_seq,
+                        };
                     }
-                    session.keys.insert(key.clone(), (a.seq, a.fingerprint));
-                    session.key_order.push_back((a.seq, key.clone()));
                 }
-                session.last_seq = a.seq;
+                let seq = session.last_seq + 1;
+                if let Some(key) = &a.idempotency_key {
+                    session.keys.insert(key.clone(), (seq, a.fingerprint));
+                    session.key_order.push_back((seq, key.clone()));
+                }
+                session.last_seq = seq;
                 session.updated_at = session.updated_at.max(a.inserted_at);
-                session.events.push_back(a.event.clone());
-                while let Some((seq, _)) = session.key_order.front() {
-                    if seq + window > a.seq {
+                session
+                    .events
+                    .push_back(Bytes::from(frame_with_seq(seq, &a.body)));
+                while let Some((oldest, _)) = session.key_order.front() {
+                    if oldest + window > seq {
                         break;
                     }
                     if let Some((_, key)) = session.key_order.pop_front() {
                         session.keys.remove(&key);
                     }
                 }
-                Applied::Appended { seq: a.seq }
+                Applied::Appended { seq }
             }
-            Command::ArchiveAck(ack) => self.apply_archive_ack(ack),
+            Command::ArchiveAck(ack) => {
+                let mut advanced = false;
+                let mut trimmed = 0;
+                for mark in &ack.marks {
+                    if let Some(n) = self.apply_archive_mark(mark, ack.keep_hot) {
+                        advanced = true;
+                        trimmed += n;
+                    }
+                }
+                if advanced {
+                    Applied::Archived { trimmed }
+                } else {
+                    Applied::Ignored
+                }
+            }
         }
     }
 
-    fn apply_archive_ack(&mut self, ack: &ArchiveAckCommand) -> Applied {
-        let Some(session) = self.sessions.get_mut(&ack.session_id) else {
-            return Applied::Ignored;
-        };
-        if ack.archived_seq <= session.archived_seq || ack.archived_seq > session.last_seq {
-            return Applied::Ignored;
+    /// Advances one session's archive mark (contiguous prefix only, never past `last_seq`,
+    /// never backwards) and trims memory. Returns how many events left memory, or `None` if
+    /// the mark did not advance.
+    fn apply_archive_mark(&mut self, mark: &ArchiveMark, keep_hot: u64) -> Option<u64> {
+        let session = self.sessions.get_mut(&mark.session_id)?;
+        if mark.archived_seq <= session.archived_seq || mark.archived_seq > session.last_seq {
+            return None;
         }
-        session.archived_seq = ack.archived_seq;
-        let keep_from = ack.archived_seq.saturating_sub(ack.keep_hot) + 1;
+        session.archived_seq = mark.archived_seq;
+        let keep_from = mark.archived_seq.saturating_sub(keep_hot) + 1;
         let mut trimmed = 0;
         while session.first_seq < keep_from && session.events.pop_front().is_some() {
             session.first_seq += 1;
             trimmed += 1;
         }
-        Applied::Archived { trimmed }
+        Some(trimmed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::ArchiveAckCommand;
     use proptest::prelude::*;
 
     fn create(state: &mut GroupState, id: &str) {
         let req = CreateRequest::parse(b"{}").unwrap();
-        match state.decide_create(SessionId::parse(id).unwrap(), &req, Timestamp(1)) {
-            CreateDecision::Accept(c) => {
-                assert_eq!(state.apply(&Command::Create(c)), Applied::Created)
-            }
-            CreateDecision::Exists => panic!("exists"),
-        }
+        let cmd = CreateCommand::new(SessionId::parse(id).unwrap(), &req, Timestamp(1));
+        assert_eq!(state.apply(&Command::Create(cmd)), Applied::Created);
     }
 
     fn request(payload: &str, key: Option<&str>, expected: Option<u64>) -> AppendRequest {
@@ -327,16 +349,12 @@ mod tests {
         AppendRequest::parse(body.as_bytes()).unwrap()
     }
 
-    /// Decide then apply, as a leader does; returns the decision.
-    fn append(state: &mut GroupState, id: &str, req: &AppendRequest) -> AppendDecision {
-        let decision = state.decide_append(id, req, Timestamp(2));
-        if let AppendDecision::Accept(cmd) = &decision {
-            assert_eq!(
-                state.apply(&Command::Append(cmd.clone())),
-                Applied::Appended { seq: cmd.seq }
-            );
-        }
-        decision
+    fn append_cmd(id: &str, req: &AppendRequest) -> Command {
+        Command::Append(AppendCommand::new(id, req, Timestamp(2)))
+    }
+
+    fn append(state: &mut GroupState, id: &str, req: &AppendRequest) -> Applied {
+        state.apply(&append_cmd(id, req))
     }
 
     #[test]
@@ -344,10 +362,9 @@ mod tests {
         let mut s = GroupState::new(10);
         create(&mut s, "a");
         let req = CreateRequest::parse(b"{}").unwrap();
-        assert_eq!(
-            s.decide_create(SessionId::parse("a").unwrap(), &req, Timestamp(1)),
-            CreateDecision::Exists
-        );
+        let cmd = CreateCommand::new(SessionId::parse("a").unwrap(), &req, Timestamp(9));
+        assert_eq!(s.apply(&Command::Create(cmd)), Applied::SessionExists);
+        assert_eq!(s.session("a").unwrap().created_at, Timestamp(1));
     }
 
     #[test]
@@ -355,50 +372,85 @@ mod tests {
         let mut s = GroupState::new(10);
         create(&mut s, "a");
         let first = request(r#"{"n":1}"#, Some("k"), Some(0));
-        assert!(matches!(
-            append(&mut s, "a", &first),
-            AppendDecision::Accept(_)
-        ));
+        assert_eq!(append(&mut s, "a", &first), Applied::Appended { seq: 1 });
         append(&mut s, "a", &request("{}", None, None));
         assert_eq!(
             append(&mut s, "a", &first),
-            AppendDecision::Deduped {
+            Applied::Deduped {
                 seq: 1,
                 last_seq: 2
             }
         );
+        assert_eq!(
+            s.settled_append("a", &first),
+            Some(Applied::Deduped {
+                seq: 1,
+                last_seq: 2
+            })
+        );
         assert!(matches!(
             append(&mut s, "a", &request(r#"{"n":2}"#, Some("k"), None)),
-            AppendDecision::IdempotencyConflict { seq: 1, .. }
+            Applied::IdempotencyConflict { seq: 1, .. }
         ));
         assert_eq!(
             append(&mut s, "a", &request("{}", None, Some(1))),
-            AppendDecision::ExpectedSeqConflict {
+            Applied::ExpectedSeqConflict {
                 expected: 1,
                 current: 2
             }
         );
         assert_eq!(
+            append(&mut s, "a", &request("{}", None, Some(7))),
+            Applied::ExpectedSeqConflict {
+                expected: 7,
+                current: 2
+            }
+        );
+        assert_eq!(
             append(&mut s, "x", &request("{}", None, None)),
-            AppendDecision::NotFound
+            Applied::SessionNotFound
+        );
+        assert_eq!(s.session("a").unwrap().last_seq, 2);
+    }
+
+    #[test]
+    fn settled_answers_only_what_cannot_change() {
+        let mut s = GroupState::new(10);
+        create(&mut s, "a");
+        append(&mut s, "a", &request("{}", None, None));
+        append(&mut s, "a", &request("{}", None, None));
+        // Behind the session: final. Ahead of it: in-flight appends may still get there.
+        assert!(matches!(
+            s.settled_append("a", &request("{}", None, Some(1))),
+            Some(Applied::ExpectedSeqConflict { .. })
+        ));
+        assert_eq!(s.settled_append("a", &request("{}", None, Some(2))), None);
+        assert_eq!(s.settled_append("a", &request("{}", None, Some(5))), None);
+        assert_eq!(
+            s.settled_append("a", &request("{}", Some("new"), None)),
+            None
+        );
+        assert_eq!(
+            s.settled_append("missing", &request("{}", None, None)),
+            None
         );
     }
 
     #[test]
-    fn apply_ignores_stale_commands() {
+    fn the_frame_carries_the_seq_apply_assigns() {
         let mut s = GroupState::new(10);
         create(&mut s, "a");
-        let AppendDecision::Accept(cmd) =
-            s.decide_append("a", &request("{}", Some("k"), None), Timestamp(3))
-        else {
-            panic!()
-        };
-        assert_eq!(
-            s.apply(&Command::Append(cmd.clone())),
-            Applied::Appended { seq: 1 }
-        );
-        assert_eq!(s.apply(&Command::Append(cmd)), Applied::Ignored);
-        assert_eq!(s.session("a").unwrap().last_seq, 1);
+        let req = request(r#"{"x":[1, 2]}"#, Some("k1"), None);
+        let cmd = append_cmd("a", &req);
+        append(&mut s, "a", &request("{}", None, None));
+        assert_eq!(s.apply(&cmd), Applied::Appended { seq: 2 });
+        let frame = &s.session("a").unwrap().events_between(1, 2, 10)[0];
+        let v: serde_json::Value = serde_json::from_slice(frame).unwrap();
+        assert_eq!(v["seq"], 2);
+        assert_eq!(v["idempotency_key"], "k1");
+        assert!(std::str::from_utf8(frame)
+            .unwrap()
+            .contains(r#""payload":{"x":[1, 2]}"#));
     }
 
     #[test]
@@ -411,12 +463,12 @@ mod tests {
         // Events 3, 4, 5 are the window: k2, k3, k4 remembered; k0, k1 forgotten.
         assert!(matches!(
             append(&mut s, "a", &request("{}", Some("k2"), None)),
-            AppendDecision::Deduped { seq: 3, .. }
+            Applied::Deduped { seq: 3, .. }
         ));
-        assert!(matches!(
+        assert_eq!(
             append(&mut s, "a", &request("{}", Some("k0"), None)),
-            AppendDecision::Accept(_)
-        ));
+            Applied::Appended { seq: 6 }
+        );
     }
 
     #[test]
@@ -441,13 +493,22 @@ mod tests {
     fn archive_ack_trims_but_keeps_keys_and_recent_events() {
         let mut s = GroupState::new(100);
         create(&mut s, "a");
+        create(&mut s, "b");
         for i in 0..10 {
             append(&mut s, "a", &request("{}", Some(&format!("k{i}")), None));
         }
         let ack = |seq, keep| {
             Command::ArchiveAck(ArchiveAckCommand {
-                session_id: "a".into(),
-                archived_seq: seq,
+                marks: vec![
+                    ArchiveMark {
+                        session_id: "a".into(),
+                        archived_seq: seq,
+                    },
+                    ArchiveMark {
+                        session_id: "b".into(),
+                        archived_seq: 1,
+                    },
+                ],
                 keep_hot: keep,
             })
         };
@@ -468,24 +529,23 @@ mod tests {
             .unwrap()
             .events_between(0, 10, 100)
             .is_empty());
+        assert_eq!(s.session("b").unwrap().archived_seq, 0);
         // Idempotency keys outlive trimming.
         assert!(matches!(
             append(&mut s, "a", &request("{}", Some("k0"), None)),
-            AppendDecision::Deduped { seq: 1, .. }
+            Applied::Deduped { seq: 1, .. }
         ));
-        assert!(matches!(
+        assert_eq!(
             append(&mut s, "a", &request("{}", None, None)),
-            AppendDecision::Accept(AppendCommand { seq: 11, .. })
-        ));
+            Applied::Appended { seq: 11 }
+        );
     }
 
     #[derive(Debug, Clone)]
-    enum Op {
-        Append {
-            key: Option<u8>,
-            payload: u8,
-            expected: Option<u64>,
-        },
+    struct Op {
+        key: Option<u8>,
+        payload: u8,
+        expected: Option<u64>,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -494,7 +554,7 @@ mod tests {
             0u8..3,
             proptest::option::of(0u64..40),
         )
-            .prop_map(|(key, payload, expected)| Op::Append {
+            .prop_map(|(key, payload, expected)| Op {
                 key,
                 payload,
                 expected,
@@ -503,7 +563,8 @@ mod tests {
 
     proptest! {
         /// Against a simple model: seqs are gapless, a key maps to one seq forever (within the
-        /// window), expected_seq is honoured, and replaying the log gives the same state.
+        /// window), expected_seq is honoured, a settled answer is the answer apply gives, and
+        /// replaying the log gives the same state.
         #[test]
         fn matches_model_and_replays_identically(ops in proptest::collection::vec(op(), 1..200)) {
             let mut s = GroupState::new(DEFAULT_IDEMPOTENCY_WINDOW);
@@ -511,37 +572,40 @@ mod tests {
             let mut log = Vec::new();
             let mut model_keys: HashMap<u8, (u64, u8)> = HashMap::new();
             let mut last = 0u64;
-            for Op::Append { key, payload, expected } in ops {
+            for Op { key, payload, expected } in ops {
                 let req = request(
                     &format!(r#"{{"p":{payload}}}"#),
                     key.map(|k| format!("k{k}")).as_deref(),
                     expected,
                 );
-                let decision = s.decide_append("a", &req, Timestamp(5));
-                match (key.and_then(|k| model_keys.get(&k).copied()), &decision) {
-                    (Some((seq, p)), AppendDecision::Deduped { seq: got, .. }) => {
+                let settled = s.settled_append("a", &req);
+                let cmd = append_cmd("a", &req);
+                let applied = s.apply(&cmd);
+                log.push(cmd);
+                if let Some(settled) = settled {
+                    prop_assert_eq!(&settled, &applied);
+                }
+                match (key.and_then(|k| model_keys.get(&k).copied()), &applied) {
+                    (Some((seq, p)), Applied::Deduped { seq: got, .. }) => {
                         prop_assert_eq!(p, payload);
                         prop_assert_eq!(seq, *got);
                     }
-                    (Some((seq, p)), AppendDecision::IdempotencyConflict { seq: got, .. }) => {
+                    (Some((seq, p)), Applied::IdempotencyConflict { seq: got, .. }) => {
                         prop_assert_ne!(p, payload);
                         prop_assert_eq!(seq, *got);
                     }
-                    (None, AppendDecision::ExpectedSeqConflict { expected: e, current }) => {
+                    (None, Applied::ExpectedSeqConflict { expected: e, current }) => {
                         prop_assert_eq!(Some(*e), expected);
                         prop_assert_ne!(*e, last);
                         prop_assert_eq!(*current, last);
                     }
-                    (None, AppendDecision::Accept(cmd)) => {
+                    (None, Applied::Appended { seq }) => {
                         prop_assert!(expected.is_none() || expected == Some(last));
-                        prop_assert_eq!(cmd.seq, last + 1);
+                        prop_assert_eq!(*seq, last + 1);
                         last += 1;
                         if let Some(k) = key {
                             model_keys.insert(k, (last, payload));
                         }
-                        let c = Command::Append(cmd.clone());
-                        prop_assert_eq!(s.apply(&c), Applied::Appended { seq: last });
-                        log.push(c);
                     }
                     (model, got) => prop_assert!(false, "model {:?} vs {:?}", model, got),
                 }

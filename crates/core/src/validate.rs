@@ -81,7 +81,7 @@ fn object_field(fields: &Fields, name: &str) -> Result<Option<(String, Value)>, 
 }
 
 /// `POST /v1/sessions` body.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CreateRequest {
     pub id: Option<SessionId>,
     pub title: Option<String>,
@@ -119,8 +119,9 @@ impl CreateRequest {
     }
 }
 
-/// `POST /v1/sessions/:id/append` body, validated.
-#[derive(Debug, Clone, PartialEq)]
+/// `POST /v1/sessions/:id/append` body, validated. Serialisable so that a node can hand a
+/// validated request to the group's leader.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AppendRequest {
     pub event_type: String,
     pub actor: String,

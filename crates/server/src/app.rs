@@ -306,8 +306,8 @@ pub(crate) async fn list_events(
     let node = state.node()?;
     let (cursor, limit) = parse_events_query(query.as_deref())?;
     let session_id = path_session(&id)?;
-    // Subscribing waits until the session is durably known, like every other read.
-    node.subscribe(session_id).await?;
+    // A linearizable check first: the page includes every event acknowledged before it.
+    node.session(session_id).await?;
     let events = state.reader()?.read(session_id, cursor, limit).await?;
     let next_cursor = cursor + events.len() as u64;
     let mut body = Vec::with_capacity(events.iter().map(|e| e.len() + 1).sum::<usize>() + 32);

@@ -28,10 +28,27 @@ pub struct ServeConfig {
     #[arg(long, env = "NODE_NAME", default_value = "n1")]
     pub node_name: String,
 
-    /// Every node's internal address as name@host:port,… Unset (or naming only this node)
-    /// runs a single node. Multi-node clusters are not available in this build yet.
+    /// Every node's internal (node-to-node) address as name@host:port,… (the same list on
+    /// every node). This node listens on its own entry's port. Unset, or naming only this
+    /// node: a single node.
     #[arg(long, env = "CLUSTER_NODES")]
     pub cluster_nodes: Option<String>,
+
+    /// Address the internal listener binds to. Default: the host of this node's
+    /// CLUSTER_NODES entry if it is an IP address, else 0.0.0.0 (on that entry's port).
+    #[arg(long, env = "STARCITE_CLUSTER_BIND")]
+    pub cluster_bind: Option<IpAddr>,
+
+    /// How often a group leader sends heartbeats to its followers (milliseconds).
+    #[arg(long, env = "STARCITE_RAFT_HEARTBEAT_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub raft_heartbeat_ms: u64,
+
+    /// A follower that hears nothing from its leader for this long (up to twice this)
+    /// starts an election (milliseconds). Must be at least twice the heartbeat interval.
+    #[arg(long, env = "STARCITE_RAFT_ELECTION_TIMEOUT_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub raft_election_timeout_ms: u64,
 
     /// Number of groups sessions hash into. Fixed for the life of a data directory.
     #[arg(long, env = "STARCITE_RAFT_GROUPS", default_value_t = 256,
@@ -83,10 +100,17 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u64).range(100..))]
     pub tail_ping_interval_ms: u64,
 
-    /// Take a snapshot (and delete covered log segments) after this many log bytes.
+    /// Keep the log on disk near this size: past it, the groups holding its oldest segment
+    /// take a snapshot so that segment can be deleted.
     #[arg(long, env = "STARCITE_SNAPSHOT_EVERY_BYTES", default_value_t = 256 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1024..))]
     pub snapshot_every_bytes: u64,
+
+    /// Each group takes a snapshot (and drops the log entries it covers) after this many
+    /// log entries.
+    #[arg(long, env = "STARCITE_SNAPSHOT_EVERY_ENTRIES", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub snapshot_every_entries: u64,
 
     /// Log segment size in bytes.
     #[arg(long, env = "STARCITE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024,
@@ -156,15 +180,40 @@ impl ServeConfig {
                     self.node_name
                 ));
             }
-            if parsed.len() > 1 {
-                return Err(format!(
-                    "CLUSTER_NODES lists {} nodes, but this build runs single-node only; \
-                     unset CLUSTER_NODES (or list just this node)",
-                    parsed.len()
-                ));
-            }
+        }
+        if self.raft_election_timeout_ms < 2 * self.raft_heartbeat_ms {
+            return Err(format!(
+                "STARCITE_RAFT_ELECTION_TIMEOUT_MS ({}) must be at least twice \
+                 STARCITE_RAFT_HEARTBEAT_MS ({})",
+                self.raft_election_timeout_ms, self.raft_heartbeat_ms
+            ));
         }
         Ok(())
+    }
+
+    /// Every node as (name, internal address) when this node is part of a multi-node
+    /// cluster; empty for a single node.
+    pub fn cluster(&self) -> Vec<(String, String)> {
+        self.cluster_nodes
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .and_then(|raw| parse_cluster_nodes(raw).ok())
+            .filter(|nodes| nodes.len() > 1)
+            .unwrap_or_default()
+    }
+
+    /// Where the internal listener binds, for a multi-node cluster.
+    pub fn cluster_listen_addr(&self) -> Option<std::net::SocketAddr> {
+        let nodes = self.cluster();
+        let (_, addr) = nodes.iter().find(|(name, _)| name == &self.node_name)?;
+        let (host, port) = addr.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ip = self
+            .cluster_bind
+            .or_else(|| host.parse::<IpAddr>().ok())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        Some(std::net::SocketAddr::new(ip, port))
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -210,5 +259,56 @@ mod tests {
         assert!(parse_cluster_nodes("n1@host").is_err());
         assert!(parse_cluster_nodes("n1@h:1,n1@h:2").is_err());
         assert!(parse_cluster_nodes(" , ").is_err());
+    }
+
+    fn config(args: &[&str]) -> ServeConfig {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Args {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        let mut all = vec!["starcite"];
+        all.extend_from_slice(args);
+        Args::parse_from(all).serve
+    }
+
+    #[test]
+    fn cluster_settings() {
+        let mut c = config(&[
+            "--node-name",
+            "n2",
+            "--cluster-nodes",
+            "n1@127.0.0.1:7101,n2@127.0.0.1:7102,n3@db.internal:7103",
+        ]);
+        c.validate().unwrap();
+        assert_eq!(c.cluster().len(), 3);
+        assert_eq!(
+            c.cluster_listen_addr(),
+            Some("127.0.0.1:7102".parse().unwrap())
+        );
+        let mut c = config(&[
+            "--node-name",
+            "n3",
+            "--cluster-nodes",
+            "n1@a:1,n3@db.internal:7103",
+        ]);
+        c.validate().unwrap();
+        assert_eq!(
+            c.cluster_listen_addr(),
+            Some("0.0.0.0:7103".parse().unwrap())
+        );
+        let mut single = config(&["--cluster-nodes", "n1@127.0.0.1:7101"]);
+        single.validate().unwrap();
+        assert!(single.cluster().is_empty());
+        let mut bad = config(&["--node-name", "n4", "--cluster-nodes", "n1@a:1,n2@b:2"]);
+        assert!(bad.validate().is_err());
+        let mut bad = config(&[
+            "--raft-heartbeat-ms",
+            "300",
+            "--raft-election-timeout-ms",
+            "500",
+        ]);
+        assert!(bad.validate().is_err());
     }
 }

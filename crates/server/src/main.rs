@@ -72,7 +72,7 @@ fn main() -> ExitCode {
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if format == "json" {
         builder.json().init();
@@ -147,23 +147,39 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     ));
     tracing::info!(%addr, data_dir = %config.data_dir.display(), groups = config.raft_groups, "starcite listening");
 
+    let cluster = config.cluster();
+    let internal = match config.cluster_listen_addr() {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let node_config = NodeConfig {
         data_dir: config.data_dir.clone(),
         groups: config.raft_groups,
         idempotency_window: config.idempotency_window,
         segment_bytes: config.segment_bytes,
         snapshot_every_bytes: config.snapshot_every_bytes,
+        snapshot_every_entries: config.snapshot_every_entries,
         max_inflight_writes: 8192,
         request_timeout: config.request_timeout(),
+        node_name: config.node_name.clone(),
+        cluster_nodes: cluster.clone(),
+        heartbeat_interval: Duration::from_millis(config.raft_heartbeat_ms),
+        election_timeout: Duration::from_millis(config.raft_election_timeout_ms),
     };
-    let node = tokio::task::spawn_blocking(move || Node::open(node_config))
+    let node = Node::open(node_config, internal)
         .await
-        .map_err(|e| format!("recovery crashed: {e}"))?
         .map_err(|e| format!("cannot open data directory: {e}"))?;
     let _ = state.node.set(node.clone());
-    tracing::info!("ready");
+    if cluster.is_empty() {
+        tracing::info!("node open (single node)");
+    } else {
+        tracing::info!(node = %config.node_name, nodes = cluster.len(), "node open; joining the cluster");
+    }
 
-    let snapshots = spawn_snapshotter(node.clone());
     let (archiver_stop, archiver_stopped) = tokio::sync::watch::channel(false);
     let archiver = tokio::spawn(archive_loop(
         config.clone(),
@@ -192,7 +208,7 @@ async fn run(config: ServeConfig) -> Result<(), String> {
         tracing::warn!("archive flush did not finish in time; the log still holds everything");
     }
     upkeep.abort();
-    snapshots.stop();
+    node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -240,33 +256,6 @@ async fn archive_loop(
         stop,
     )
     .await;
-}
-
-struct Snapshotter {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<()>,
-}
-
-impl Snapshotter {
-    fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.handle.join();
-    }
-}
-
-/// Checks once a second whether enough log was written to take a snapshot.
-fn spawn_snapshotter(node: Arc<Node>) -> Snapshotter {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let handle = std::thread::spawn(move || {
-        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(250));
-            if let Err(e) = node.snapshot_if_due() {
-                tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds");
-            }
-        }
-    });
-    Snapshotter { stop, handle }
 }
 
 async fn wait_for_signal() {

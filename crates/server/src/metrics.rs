@@ -83,6 +83,19 @@ pub fn record_node_stats(stats: &NodeStats) {
     metrics::gauge!("starcite_recovery_records_replayed")
         .set(stats.recovery_records_replayed as f64);
     metrics::gauge!("starcite_recovery_duration_ms").set(stats.recovery_millis as f64);
+    metrics::gauge!("starcite_log_disk_bytes").set(stats.log_disk_bytes as f64);
+    metrics::gauge!("starcite_raft_groups_replicated").set(stats.groups_replicated as f64);
+    metrics::gauge!("starcite_raft_groups_led").set(stats.groups_led as f64);
+    metrics::counter!("starcite_raft_elections_total").absolute(stats.terms_total);
+    metrics::gauge!("starcite_raft_replication_lag_max").set(stats.replication_lag_max as f64);
+    metrics::gauge!("starcite_raft_replication_lag_entries")
+        .set(stats.replication_lag_total as f64);
+    metrics::counter!("starcite_forwarded_requests_total", "direction" => "out")
+        .absolute(stats.forwarded_out);
+    metrics::counter!("starcite_forwarded_requests_total", "direction" => "in")
+        .absolute(stats.forwarded_in);
+    metrics::counter!("starcite_peer_bytes_sent_total").absolute(stats.peer_bytes_sent);
+    metrics::counter!("starcite_peer_bytes_received_total").absolute(stats.peer_bytes_received);
 }
 
 /// Metric handles resolved once: the hot path records without hashing a key per call.

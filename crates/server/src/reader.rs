@@ -80,7 +80,7 @@ impl EventReader {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Bytes>, ReadError> {
-        match self.node.read_events(session_id, after, limit) {
+        match self.node.read_events(session_id, after, limit).await {
             Ok(events) => Ok(events),
             Err(NodeError::Trimmed { first_hot, .. }) => {
                 let archive = self.archive.get().ok_or_else(|| {

@@ -17,6 +17,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use starcite_cluster::Subscription;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -172,7 +173,7 @@ async fn ws_tail(
     reader: EventReader,
     session_id: String,
     mut cursor: u64,
-    mut durable: watch::Receiver<u64>,
+    mut durable: Subscription,
 ) {
     let send_timeout = Duration::from_millis(state.config.tail_send_timeout_ms);
     let mut shutdown = state.shutdown.clone();
@@ -246,8 +247,8 @@ async fn ws_tail(
             }
         }
         tokio::select! {
-            changed = durable.changed() => if changed.is_err() {
-                break WsEnd::Failed("session is no longer served by this node".into());
+            changed = durable.wait_beyond(cursor) => if let Err(e) = changed {
+                break WsEnd::Failed(e.to_string());
             },
             _ = &mut gone => break WsEnd::ClientGone,
             _ = shutdown.changed() => {},
@@ -303,7 +304,7 @@ struct SseState {
     reader: EventReader,
     session_id: String,
     cursor: u64,
-    durable: watch::Receiver<u64>,
+    durable: Subscription,
     shutdown: watch::Receiver<bool>,
     buffered: VecDeque<Bytes>,
     done: bool,
@@ -314,7 +315,7 @@ fn sse_tail(
     reader: EventReader,
     session_id: String,
     cursor: u64,
-    durable: watch::Receiver<u64>,
+    durable: Subscription,
 ) -> Response {
     let start = SseState {
         reader,
@@ -341,7 +342,7 @@ fn sse_tail(
                 Ok(batch) if !batch.is_empty() => st.buffered.extend(batch),
                 Ok(_) => {
                     tokio::select! {
-                        changed = st.durable.changed() => if changed.is_err() { st.done = true },
+                        changed = st.durable.wait_beyond(st.cursor) => if changed.is_err() { st.done = true },
                         _ = st.shutdown.changed() => {},
                     }
                 }

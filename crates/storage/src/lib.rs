@@ -1,17 +1,17 @@
 //! Node-wide durable storage: one write-ahead log shared by every group, written by a single
-//! thread that merges concurrent appends into one `fdatasync` (group commit), plus snapshot
-//! files that let old log segments be deleted.
+//! thread that merges concurrent appends into one `fdatasync` (group commit), plus small
+//! atomically replaced files (snapshots).
 //!
 //! The log knows nothing about what its records mean: it stores opaque byte strings, frames
 //! them with a length and a CRC32C, and hands them back in order on recovery.
 
+mod file;
 mod frame;
-mod snapshot;
 mod wal;
 
+pub use file::{read_framed_file, write_framed_file};
 pub use frame::{decode_frames, encode_frame, FrameError, FRAME_HEADER_LEN};
-pub use snapshot::{load_latest_snapshot, write_snapshot, Snapshot};
-pub use wal::{Durable, Wal, WalOptions, WalStats};
+pub use wal::{Durable, SegmentHeader, Wal, WalOptions, WalStats};
 
 use std::path::PathBuf;
 

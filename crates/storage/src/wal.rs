@@ -10,19 +10,26 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Called once a record (or barrier) is durable, or with the reason it never will be.
-/// Callbacks run on the writer thread in log order, so they must be quick.
-pub type Durable = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+/// Called once a record (or barrier) is durable, with the number of the segment it went into,
+/// or with the reason it never will be. Callbacks run on the writer thread in log order, so
+/// they must be quick.
+pub type Durable = Box<dyn FnOnce(Result<u64, StorageError>) + Send>;
+
+/// Produces the record written first in every new segment: whatever a reader needs so that
+/// the segments before it can be deleted once nothing else in them is needed.
+pub type SegmentHeader = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 type RollDone = Box<dyn FnOnce(Result<u64, StorageError>) + Send>;
 
 /// Most bytes merged into one write + fsync; bigger bursts are split into several batches.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WalOptions {
     pub dir: PathBuf,
     /// A segment is closed and a new one started once it grows past this size.
     pub segment_bytes: u64,
+    /// Written (and synced) as the first record of each segment the log starts.
+    pub segment_header: Option<SegmentHeader>,
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +37,8 @@ pub struct WalStats {
     pub bytes_written: AtomicU64,
     pub records_written: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// The segment being written.
+    pub current_segment: AtomicU64,
 }
 
 enum Msg {
@@ -68,22 +77,16 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, StorageError> {
 }
 
 impl Wal {
-    /// Opens the log in `opts.dir`, replaying every record of segments numbered
-    /// `from_segment` and above into `on_record`, in order. A torn tail at the end of the last
+    /// Opens the log in `opts.dir`, replaying every record of every segment into
+    /// `on_record`, in order, with the segment it is in. A torn tail at the end of the last
     /// segment (a crash mid-write) is cut off; damage anywhere else is an error, because
     /// serving from a log with a hole in it would serve wrong data.
     pub fn open(
         opts: WalOptions,
-        from_segment: u64,
-        mut on_record: impl FnMut(&[u8]),
+        mut on_record: impl FnMut(u64, &[u8]),
     ) -> Result<Wal, StorageError> {
         std::fs::create_dir_all(&opts.dir).map_err(StorageError::io(&opts.dir))?;
-        let segments = list_segments(&opts.dir)?;
-        let live: Vec<u64> = segments
-            .iter()
-            .copied()
-            .filter(|&n| n >= from_segment)
-            .collect();
+        let live = list_segments(&opts.dir)?;
         let mut buf = Vec::new();
         for (i, &n) in live.iter().enumerate() {
             let path = segment_path(&opts.dir, n);
@@ -91,7 +94,7 @@ impl Wal {
             File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut buf))
                 .map_err(StorageError::io(&path))?;
-            match decode_frames(&buf, &mut on_record) {
+            match decode_frames(&buf, |body| on_record(n, body)) {
                 Ok(_) => {}
                 Err((valid, err)) => {
                     let is_last = i + 1 == live.len();
@@ -124,7 +127,7 @@ impl Wal {
                 }
             }
         }
-        let current = live.last().copied().unwrap_or(from_segment.max(1));
+        let current = live.last().copied().unwrap_or(1);
         let path = segment_path(&opts.dir, current);
         let file = OpenOptions::new()
             .create(true)
@@ -136,8 +139,10 @@ impl Wal {
 
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WalStats::default());
+        stats.current_segment.store(current, Ordering::Relaxed);
         let mut writer = Writer {
             dir: opts.dir.clone(),
+            segment_header: opts.segment_header.clone(),
             segment_bytes: opts.segment_bytes.max(1),
             file,
             segment: current,
@@ -212,7 +217,11 @@ impl Wal {
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
         if let Some(handle) = self.writer.take() {
-            let _ = handle.join();
+            // The last owner may be a durability callback running on the writer itself; it
+            // finishes on its own once the channel is closed.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
         }
     }
 }
@@ -244,6 +253,7 @@ fn is_torn_tail(rest: &[u8], err: &FrameError) -> bool {
 
 struct Writer {
     dir: PathBuf,
+    segment_header: Option<SegmentHeader>,
     segment_bytes: u64,
     file: File,
     segment: u64,
@@ -286,7 +296,7 @@ impl Writer {
                 done(if self.poisoned {
                     Err(StorageError::Poisoned)
                 } else {
-                    Ok(())
+                    Ok(self.segment)
                 });
             }
             Msg::Roll(done) => {
@@ -316,7 +326,7 @@ impl Writer {
                 self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
                 self.buf.clear();
                 for done in callbacks {
-                    done(Ok(()));
+                    done(Ok(self.segment));
                 }
                 if self.segment_size >= self.segment_bytes {
                     if let Err(e) = self.roll() {
@@ -343,15 +353,25 @@ impl Writer {
         }
         let next = self.segment + 1;
         let path = segment_path(&self.dir, next);
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(StorageError::io(&path))?;
+        let mut size = 0;
+        if let Some(header) = &self.segment_header {
+            let mut frame = Vec::new();
+            encode_frame(&header(), &mut frame);
+            file.write_all(&frame)
+                .and_then(|_| file.sync_data())
+                .map_err(StorageError::io(&path))?;
+            size = frame.len() as u64;
+        }
         sync_dir(&self.dir)?;
         self.file = file;
         self.segment = next;
-        self.segment_size = 0;
+        self.segment_size = size;
+        self.stats.current_segment.store(next, Ordering::Relaxed);
         Ok(next)
     }
 }
@@ -365,18 +385,19 @@ mod tests {
         WalOptions {
             dir: dir.to_path_buf(),
             segment_bytes: 1024,
+            segment_header: None,
         }
     }
 
-    fn append_sync(wal: &Wal, body: &[u8]) -> Result<(), StorageError> {
+    fn append_sync(wal: &Wal, body: &[u8]) -> Result<u64, StorageError> {
         let (tx, rx) = channel();
         wal.append(body, Box::new(move |r| drop(tx.send(r))));
         rx.recv().expect("writer answered")
     }
 
-    fn replay(dir: &Path, from: u64) -> Result<Vec<Vec<u8>>, StorageError> {
+    fn replay(dir: &Path) -> Result<Vec<Vec<u8>>, StorageError> {
         let mut seen = Vec::new();
-        let wal = Wal::open(opts(dir), from, |b| seen.push(b.to_vec()))?;
+        let wal = Wal::open(opts(dir), |_, b| seen.push(b.to_vec()))?;
         wal.close();
         Ok(seen)
     }
@@ -384,7 +405,7 @@ mod tests {
     #[test]
     fn records_survive_reopen_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let wal = Wal::open(opts(dir.path()), |_, _| {}).unwrap();
         let bodies: Vec<Vec<u8>> = (0..200)
             .map(|i| format!("record-{i:04}").into_bytes())
             .collect();
@@ -397,13 +418,13 @@ mod tests {
             list_segments(dir.path()).unwrap().len() > 1,
             "segments rolled"
         );
-        assert_eq!(replay(dir.path(), 0).unwrap(), bodies);
+        assert_eq!(replay(dir.path()).unwrap(), bodies);
     }
 
     #[test]
     fn concurrent_appends_share_fsyncs_and_complete_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Arc::new(Wal::open(opts(dir.path()), 0, |_| {}).unwrap());
+        let wal = Arc::new(Wal::open(opts(dir.path()), |_, _| {}).unwrap());
         let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (tx, rx) = channel();
         for i in 0..500u32 {
@@ -431,7 +452,7 @@ mod tests {
     #[test]
     fn torn_tail_is_truncated_and_appends_continue() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let wal = Wal::open(opts(dir.path()), |_, _| {}).unwrap();
         append_sync(&wal, b"one").unwrap();
         append_sync(&wal, b"two").unwrap();
         wal.close();
@@ -441,19 +462,19 @@ mod tests {
         f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap(); // half a header
         drop(f);
         assert_eq!(
-            replay(dir.path(), 0).unwrap(),
+            replay(dir.path()).unwrap(),
             vec![b"one".to_vec(), b"two".to_vec()]
         );
-        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let wal = Wal::open(opts(dir.path()), |_, _| {}).unwrap();
         append_sync(&wal, b"three").unwrap();
         wal.close();
-        assert_eq!(replay(dir.path(), 0).unwrap().len(), 3);
+        assert_eq!(replay(dir.path()).unwrap().len(), 3);
     }
 
     #[test]
     fn corruption_in_the_middle_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let wal = Wal::open(opts(dir.path()), |_, _| {}).unwrap();
         for b in [b"aaaa", b"bbbb", b"cccc"] {
             append_sync(&wal, b).unwrap();
         }
@@ -463,7 +484,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[crate::FRAME_HEADER_LEN + 12 + 1] ^= 0x55; // inside the second record's body
         std::fs::write(&path, &bytes).unwrap();
-        match replay(dir.path(), 0) {
+        match replay(dir.path()) {
             Err(StorageError::Corrupt { offset, .. }) => {
                 assert_eq!(offset, (crate::FRAME_HEADER_LEN + 4) as u64)
             }
@@ -474,7 +495,7 @@ mod tests {
     #[test]
     fn a_damaged_length_in_the_middle_is_not_mistaken_for_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let wal = Wal::open(opts(dir.path()), |_, _| {}).unwrap();
         for b in [b"aaaa", b"bbbb", b"cccc"] {
             append_sync(&wal, b).unwrap();
         }
@@ -485,7 +506,7 @@ mod tests {
         bytes[crate::FRAME_HEADER_LEN + 4 + 3] = 0x7f; // second record's length: huge
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(
-            replay(dir.path(), 0),
+            replay(dir.path()),
             Err(StorageError::Corrupt { .. })
         ));
     }
@@ -493,7 +514,7 @@ mod tests {
     #[test]
     fn a_garbled_final_record_is_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let wal = Wal::open(opts(dir.path()), |_, _| {}).unwrap();
         for b in [b"aaaa", b"bbbb"] {
             append_sync(&wal, b).unwrap();
         }
@@ -505,7 +526,7 @@ mod tests {
         bytes[last] ^= 0xff; // body of the last record never fully reached the disk
         bytes.extend_from_slice(&[0u8; 64]); // and zeroes after it
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(replay(dir.path(), 0).unwrap(), vec![b"aaaa".to_vec()]);
+        assert_eq!(replay(dir.path()).unwrap(), vec![b"aaaa".to_vec()]);
     }
 
     #[test]
@@ -513,7 +534,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut o = opts(dir.path());
         o.segment_bytes = u64::MAX;
-        let wal = Wal::open(o.clone(), 0, |_| {}).unwrap();
+        let wal = Wal::open(o.clone(), |_, _| {}).unwrap();
         append_sync(&wal, b"old").unwrap();
         let (tx, rx) = channel();
         wal.roll(move |r| drop(tx.send(r)));
@@ -521,13 +542,13 @@ mod tests {
         append_sync(&wal, b"new").unwrap();
         wal.close();
         assert_eq!(Wal::remove_segments_before(dir.path(), next).unwrap(), 1);
-        assert_eq!(replay(dir.path(), next).unwrap(), vec![b"new".to_vec()]);
+        assert_eq!(replay(dir.path()).unwrap(), vec![b"new".to_vec()]);
     }
 
     #[test]
     fn barrier_waits_for_earlier_appends() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(opts(dir.path()), 0, |_| {}).unwrap();
+        let wal = Wal::open(opts(dir.path()), |_, _| {}).unwrap();
         let flag = Arc::new(AtomicU64::new(0));
         let f = flag.clone();
         wal.append(b"x", Box::new(move |_| f.store(1, Ordering::SeqCst)));
@@ -537,5 +558,39 @@ mod tests {
             let _ = tx.send((r.is_ok(), f.load(Ordering::SeqCst)));
         }));
         assert_eq!(rx.recv().unwrap(), (true, 1));
+    }
+
+    #[test]
+    fn every_new_segment_starts_with_the_header_and_records_know_their_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = Arc::new(AtomicU64::new(0));
+        let c = counter.clone();
+        let o = WalOptions {
+            segment_header: Some(Arc::new(move || {
+                format!("header-{}", c.fetch_add(1, Ordering::SeqCst)).into_bytes()
+            })),
+            ..opts(dir.path())
+        };
+        let wal = Wal::open(o.clone(), |_, _| {}).unwrap();
+        let first = append_sync(&wal, b"a").unwrap();
+        let (tx, rx) = channel();
+        wal.roll(move |r| drop(tx.send(r)));
+        let second = rx.recv().unwrap().unwrap();
+        assert_eq!(append_sync(&wal, b"b").unwrap(), second);
+        assert_eq!(second, first + 1);
+        assert_eq!(wal.stats().current_segment.load(Ordering::Relaxed), second);
+        wal.close();
+        let mut seen = Vec::new();
+        Wal::open(o, |segment, body| seen.push((segment, body.to_vec())))
+            .unwrap()
+            .close();
+        assert_eq!(
+            seen,
+            vec![
+                (first, b"a".to_vec()),
+                (second, b"header-0".to_vec()),
+                (second, b"b".to_vec())
+            ]
+        );
     }
 }
