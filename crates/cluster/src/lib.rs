@@ -1,19 +1,21 @@
-//! A Starcite node's groups. Sessions hash into `groups` openraft groups, each replicated on
-//! up to three nodes; every group's log records go through the one node-wide log (group
-//! commit), and readers see only what a quorum of the group's replicas has made durable.
+//! A Starcite node's groups. Sessions hash into `groups` Raft groups, each replicated on up to
+//! three nodes (the engine is `starcite-raft`); every group's log records go through the one
+//! node-wide log (group commit), and readers see only what a quorum of the group's replicas
+//! has made durable.
 
+mod archive_api;
+mod background;
+mod data_dir;
 mod error;
-pub mod log_store;
-mod network;
+mod group;
 mod node;
+pub mod node_log;
+mod peer;
 pub mod placement;
 pub mod rpc;
 pub mod state_machine;
 pub mod transport;
-pub mod types;
 
+pub use archive_api::{ArchiveBacklog, ArchiveLag, ArchiveRun};
 pub use error::NodeError;
-pub use node::{
-    AppendOutcome, ArchiveBacklog, ArchiveLag, ArchiveRun, Node, NodeConfig, NodeStats,
-    Subscription,
-};
+pub use node::{AppendOutcome, ClusterState, Node, NodeConfig, NodeStats, Subscription};

@@ -1,36 +1,43 @@
-//! The node: its openraft groups, the shared log, routing of every request to the node that
-//! can serve it, and the reads that make "acknowledged" and "visible" the same thing.
+//! The node: its Raft groups, the shared log, routing of every request to the node that can
+//! serve it, and the reads that make "acknowledged" and "visible" the same thing.
 //!
 //! A write is executed by its group's leader. Any node accepts it: a node that is not the
 //! leader hands it over the peer connection and relays the answer (the client never sees a
 //! redirect). An answer is only ever given for a state a quorum has made durable.
 
-use crate::log_store::NodeLog;
-use crate::network::{NetworkFactory, NoPeers, Router, SoloNetworkFactory};
+use crate::data_dir::{self, Meta};
+use crate::group::{Answer, Group};
+use crate::node_log::NodeLog;
 use crate::placement::ClusterMap;
-use crate::rpc::{ClientOp, ClientReply, RaftRequest, Request, Response, SessionWire};
-use crate::state_machine::{GroupShared, GroupStateMachine};
-use crate::transport::{CallError, Handler, Transport};
-use crate::types::{NodeId, Raft, Snapshot, TypeConfig};
+use crate::rpc::{ClientOp, ClientReply, Request, Response, SessionWire};
+use crate::state_machine::{GroupShared, SnapshotFile};
+use crate::transport::{CallError, Transport};
 use crate::NodeError;
 use bytes::Bytes;
-use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
-use openraft::{BasicNode, Config, ReadPolicy, SnapshotPolicy};
-use openraft_multi::GroupNetworkFactory;
 use parking_lot::Mutex;
 use starcite_core::{
-    group_of, AppendCommand, AppendRequest, Applied, ArchiveAckCommand, ArchiveMark, Command,
-    CreateCommand, CreateRequest, SessionId, SessionView, Timestamp,
+    group_of, AppendCommand, AppendRequest, Applied, Command, CreateCommand, CreateRequest,
+    GroupState, SessionId, SessionView, Timestamp,
 };
-use std::collections::BTreeMap;
+use starcite_raft::{NodeId, Raft, ReadError, Restored, Role};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
+
+/// How a node that starts with an empty data directory joins its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterState {
+    /// Ask the peers: join as a new member of a new cluster if none has data, else rejoin.
+    Auto,
+    /// A new cluster: vote at once.
+    New,
+    /// An existing cluster (a replaced or wiped node): catch up before voting.
+    Existing,
+}
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -41,15 +48,16 @@ pub struct NodeConfig {
     pub segment_bytes: u64,
     /// When the log on disk grows past this, the groups holding its oldest segment snapshot.
     pub snapshot_every_bytes: u64,
-    /// Each group snapshots (and purges its log) after this many entries.
+    /// Each group snapshots (and drops the log entries it covers) after this many entries.
     pub snapshot_every_entries: u64,
     /// Most writes (creates + appends) in progress at once; beyond that callers wait.
     pub max_inflight_writes: usize,
     /// How long a request may wait for a slot, a leader and a quorum before `unavailable`.
     pub request_timeout: Duration,
     pub node_name: String,
-    /// Every node as (name, internal address); empty for a single node.
+    /// Every node as (name, internal address); empty (or just this node) for a single node.
     pub cluster_nodes: Vec<(String, String)>,
+    pub cluster_state: ClusterState,
     pub heartbeat_interval: Duration,
     /// Followers wait between this and twice this without a heartbeat before electing.
     pub election_timeout: Duration,
@@ -63,11 +71,12 @@ impl NodeConfig {
             idempotency_window: starcite_core::state::DEFAULT_IDEMPOTENCY_WINDOW,
             segment_bytes: 64 * 1024 * 1024,
             snapshot_every_bytes: 256 * 1024 * 1024,
-            snapshot_every_entries: 20_000,
+            snapshot_every_entries: 100_000,
             max_inflight_writes: 8192,
             request_timeout: Duration::from_secs(10),
             node_name: "n1".into(),
             cluster_nodes: Vec::new(),
+            cluster_state: ClusterState::Auto,
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(500),
         }
@@ -110,15 +119,6 @@ pub struct NodeStats {
     pub peer_bytes_received: u64,
 }
 
-struct Group {
-    index: u32,
-    /// This node's replica of the group, if it is one of the group's members.
-    raft: Option<Raft>,
-    shared: Arc<GroupShared>,
-    /// For groups this node does not replicate: the node that answered last, or 0.
-    leader_hint: AtomicU64,
-}
-
 #[derive(Default)]
 struct Counters {
     forwarded_out: AtomicU64,
@@ -126,122 +126,20 @@ struct Counters {
 }
 
 pub struct Node {
+    me: Weak<Node>,
     config: NodeConfig,
-    map: ClusterMap,
-    log: Arc<NodeLog>,
-    groups: Vec<Group>,
-    transport: Option<Arc<Transport>>,
+    pub(crate) map: ClusterMap,
+    pub(crate) log: Arc<NodeLog>,
+    pub(crate) groups: Vec<Group>,
+    pub(crate) transport: Option<Arc<Transport>>,
     inflight: Semaphore,
     counters: Counters,
     recovery_records: u64,
-    recovery_millis: u64,
+    recovery_millis: AtomicU64,
+    clock: Instant,
     stop: watch::Sender<bool>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _lock: File,
-}
-
-const META_FILE: &str = "starcite.meta";
-
-/// Refuses to run on a data directory written with a different group count (sessions would
-/// hash to other groups) or by another node, and keeps two processes off the same directory.
-/// Returns the lock and whether the directory is new.
-fn prepare_data_dir(config: &NodeConfig) -> Result<(File, bool), NodeError> {
-    let dir = &config.data_dir;
-    std::fs::create_dir_all(dir).map_err(|e| {
-        NodeError::Startup(format!(
-            "cannot create data directory {}: {e}",
-            dir.display()
-        ))
-    })?;
-    let lock_path = dir.join("LOCK");
-    let lock = File::create(&lock_path)
-        .map_err(|e| NodeError::Startup(format!("cannot open {}: {e}", lock_path.display())))?;
-    lock.try_lock().map_err(|_| {
-        NodeError::Startup(format!(
-            "data directory {} is in use by another starcite process",
-            dir.display()
-        ))
-    })?;
-    let meta_path = dir.join(META_FILE);
-    match std::fs::read_to_string(&meta_path) {
-        Ok(text) => {
-            let field = |name: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                    .map(|v| v.trim().to_owned())
-            };
-            let damaged = || NodeError::Startup(format!("{} is damaged", meta_path.display()));
-            if field("format").as_deref() != Some("2") {
-                return Err(NodeError::Startup(format!(
-                    "data directory {} was written by an older starcite (before replicated \
-                     groups); start with an empty data directory",
-                    dir.display()
-                )));
-            }
-            let groups: u32 = field("groups")
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(damaged)?;
-            if groups != config.groups {
-                return Err(NodeError::Startup(format!(
-                    "data directory {} was created with {groups} raft groups; \
-                     STARCITE_RAFT_GROUPS={} would move sessions between groups. \
-                     Set STARCITE_RAFT_GROUPS={groups} or use a new data directory",
-                    dir.display(),
-                    config.groups
-                )));
-            }
-            let node = field("node").ok_or_else(damaged)?;
-            if node != config.node_name {
-                return Err(NodeError::Startup(format!(
-                    "data directory {} belongs to node {node:?}, not NODE_NAME={:?}",
-                    dir.display(),
-                    config.node_name
-                )));
-            }
-            Ok((lock, false))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = meta_path.with_extension("tmp");
-            let text = format!(
-                "format=2\ngroups={}\nnode={}\n",
-                config.groups, config.node_name
-            );
-            std::fs::write(&tmp, text)
-                .and_then(|_| File::open(&tmp)?.sync_all())
-                .and_then(|_| std::fs::rename(&tmp, &meta_path))
-                .and_then(|_| File::open(dir)?.sync_all())
-                .map_err(|e| {
-                    NodeError::Startup(format!("cannot write {}: {e}", meta_path.display()))
-                })?;
-            Ok((lock, true))
-        }
-        Err(e) => Err(NodeError::Startup(format!(
-            "cannot read {}: {e}",
-            meta_path.display()
-        ))),
-    }
-}
-
-fn raft_config(config: &NodeConfig) -> Result<Arc<Config>, NodeError> {
-    let election = config.election_timeout.as_millis().max(2) as u64;
-    let raft = Config {
-        cluster_name: "starcite".into(),
-        heartbeat_interval: (config.heartbeat_interval.as_millis() as u64).clamp(1, election / 2),
-        election_timeout_min: election,
-        election_timeout_max: election * 2,
-        install_snapshot_timeout: 60_000,
-        max_payload_entries: 256,
-        replication_lag_threshold: config.snapshot_every_entries.saturating_mul(2).max(1000),
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries.max(1)),
-        max_in_snapshot_log_to_keep: 0,
-        purge_batch_size: 1,
-        backoff: "20ms 40ms ...500ms".into(),
-        enable_pre_vote: Some(true),
-        ..Default::default()
-    };
-    raft.validate()
-        .map(Arc::new)
-        .map_err(|e| NodeError::Startup(format!("raft settings: {e}")))
 }
 
 fn unavailable(message: impl Into<String>) -> NodeError {
@@ -249,6 +147,15 @@ fn unavailable(message: impl Into<String>) -> NodeError {
 }
 
 const UNKNOWN_OUTCOME: &str = "the outcome is unknown; retry with the same idempotency key";
+
+fn raft_config(config: &NodeConfig, map: &ClusterMap, group: u32) -> starcite_raft::Config {
+    let mut c = starcite_raft::Config::new(map.me(), map.members(group).to_vec());
+    c.election_timeout_ms = (config.election_timeout.as_millis() as u64).max(2);
+    c.heartbeat_ms =
+        (config.heartbeat_interval.as_millis() as u64).clamp(1, c.election_timeout_ms / 2);
+    c.seed = map.me() ^ u64::from(group).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    c
+}
 
 impl Node {
     /// Opens (recovering) the node's data directory and starts its groups. `listener` is the
@@ -268,11 +175,12 @@ impl Node {
         };
         let map = ClusterMap::new(&nodes, &config.node_name, config.groups)
             .map_err(NodeError::Startup)?;
-        let prepared = {
+        let (lock, meta, log, recovered, stats) = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
-                let (lock, fresh) = prepare_data_dir(&config)?;
-                let (log, recovered) = NodeLog::open(
+                let (lock, meta) =
+                    data_dir::open(&config.data_dir, config.groups, &config.node_name)?;
+                let (log, recovered, stats) = NodeLog::open(
                     &config.data_dir.join("log"),
                     config.groups,
                     config.segment_bytes,
@@ -280,14 +188,19 @@ impl Node {
                 std::fs::create_dir_all(config.data_dir.join("snapshots")).map_err(|e| {
                     NodeError::Startup(format!("cannot create the snapshot directory: {e}"))
                 })?;
-                Ok((lock, fresh, log, recovered))
+                Ok((lock, meta, log, recovered, stats))
             })
             .await
             .map_err(|e| NodeError::Startup(format!("recovery crashed: {e}")))??
         };
-        let (lock, _fresh, log, recovered) = prepared;
+        let node_slot: Arc<std::sync::OnceLock<Weak<Node>>> = Default::default();
         let transport = match (config.is_cluster(), listener) {
-            (true, Some(listener)) => Some(Transport::start(&map, listener)),
+            (true, Some(listener)) => {
+                let t = Transport::start(&map, listener);
+                t.set_handler(crate::peer::request_handler(log.clone(), node_slot.clone()));
+                t.set_raft_handler(crate::peer::raft_handler(node_slot.clone()));
+                Some(t)
+            }
             (true, None) => {
                 return Err(NodeError::Startup(
                     "a cluster node needs its internal listener".into(),
@@ -295,117 +208,137 @@ impl Node {
             }
             (false, _) => None,
         };
-        let raft_config = raft_config(&config)?;
-        let snapshot_dir = config.data_dir.join("snapshots");
-        let me = map.me();
-        let built = futures_util::future::join_all((0..config.groups).map(|index| {
-            let shared = GroupShared::new(index, config.idempotency_window);
-            let member = map.is_member(index);
-            let store = log.store(index);
-            let raft_config = raft_config.clone();
-            let transport = transport.clone();
-            let sm = GroupStateMachine::new(
-                shared.clone(),
-                snapshot_dir.join(format!("group-{index:05}.snap")),
-                config.idempotency_window,
-            );
-            async move {
-                if !member {
-                    return Ok::<_, NodeError>((index, shared, None));
+        let meta = match meta {
+            Some(meta) => meta,
+            None => {
+                let rejoin = match (&transport, config.cluster_state) {
+                    (None, _) | (_, ClusterState::New) => false,
+                    (Some(_), ClusterState::Existing) => true,
+                    (Some(t), ClusterState::Auto) => crate::peer::cluster_has_data(t, &map).await,
+                };
+                if rejoin {
+                    tracing::warn!("this node starts without data in a cluster that has some: it catches up before it votes");
                 }
-                let raft = match transport {
-                    Some(t) => {
-                        let net: NetworkFactory =
-                            GroupNetworkFactory::new(Router::new(me, t), index);
-                        Raft::new(me, raft_config, net, store, sm).await
-                    }
-                    None => {
-                        let net: SoloNetworkFactory = GroupNetworkFactory::new(NoPeers, index);
-                        Raft::new(me, raft_config, net, store, sm).await
-                    }
-                }
-                .map_err(|e| NodeError::Startup(format!("group {index} cannot start: {e}")))?;
-                Ok((index, shared, Some(raft)))
+                let meta = Meta {
+                    groups: config.groups,
+                    rejoin,
+                };
+                let dir = config.data_dir.clone();
+                let name = config.node_name.clone();
+                tokio::task::spawn_blocking(move || data_dir::write_meta(&dir, &name, meta))
+                    .await
+                    .map_err(|e| NodeError::Startup(e.to_string()))??;
+                meta
             }
-        }))
-        .await;
-        let mut groups = Vec::with_capacity(config.groups as usize);
-        for result in built {
-            let (index, shared, raft) = result?;
-            groups.push(Group {
-                index,
-                raft,
-                shared,
-                leader_hint: AtomicU64::new(0),
-            });
-        }
-        let recovery_millis = started.elapsed().as_millis() as u64;
-        tracing::info!(
-            records = recovered.records,
-            entries = recovered.entries,
-            millis = recovery_millis,
-            "recovered data directory"
-        );
-        let node = Arc::new(Node {
+        };
+        let snapshot_dir = config.data_dir.join("snapshots");
+        let clock = Instant::now();
+        let groups = {
+            let config = config.clone();
+            let map = map.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<Group>, NodeError> {
+                let mut groups = Vec::with_capacity(config.groups as usize);
+                for (index, rec) in recovered.into_iter().enumerate() {
+                    let index = index as u32;
+                    let path = snapshot_dir.join(format!("group-{index:05}.snap"));
+                    let file = SnapshotFile::read(&path)?;
+                    let (snap_index, snap_term, state) = match &file {
+                        Some(f) => (f.index, f.term, f.decode(config.idempotency_window)?),
+                        None => (0, 0, GroupState::new(config.idempotency_window)),
+                    };
+                    if rec.marks.snapshot.0 > snap_index {
+                        return Err(NodeError::Startup(format!(
+                            "group {index}: the log was compacted up to {} but the snapshot \
+                             file {} {}; refusing to start without that data",
+                            rec.marks.snapshot.0,
+                            path.display(),
+                            if file.is_some() {
+                                "is older"
+                            } else {
+                                "is missing"
+                            }
+                        )));
+                    }
+                    let shared = GroupShared::new(index, state, snap_index);
+                    let raft = map.is_member(index).then(|| {
+                        let mut cfg = raft_config(&config, &map, index);
+                        cfg.rejoining = meta.rejoin && rec.marks.hard_state.is_none();
+                        Raft::new(
+                            cfg,
+                            Restored {
+                                hard_state: rec.marks.hard_state.unwrap_or_default(),
+                                snapshot: (snap_index, snap_term),
+                                entries: rec
+                                    .entries
+                                    .into_iter()
+                                    .filter(|e| e.index > snap_index)
+                                    .collect(),
+                                commit: rec.marks.commit,
+                            },
+                            0,
+                            crate::rpc::command_size,
+                        )
+                    });
+                    groups.push(Group::new(index, raft, shared, snap_index, path));
+                }
+                Ok(groups)
+            })
+            .await
+            .map_err(|e| NodeError::Startup(format!("recovery crashed: {e}")))??
+        };
+        let node = Arc::new_cyclic(|me| Node {
+            me: me.clone(),
             inflight: Semaphore::new(config.max_inflight_writes.max(1)),
             map,
             log,
             groups,
             transport,
             counters: Counters::default(),
-            recovery_records: recovered.records,
-            recovery_millis,
+            recovery_records: stats.records,
+            recovery_millis: AtomicU64::new(0),
+            clock,
             stop: watch::Sender::new(false),
             background: Mutex::new(Vec::new()),
             config,
             _lock: lock,
         });
-        if let Some(t) = &node.transport {
-            t.set_handler(handler(Arc::downgrade(&node)));
-        }
-        node.start_groups().await;
+        let _ = node_slot.set(Arc::downgrade(&node));
+        node.start_groups();
+        let recovery_millis = started.elapsed().as_millis() as u64;
+        node.recovery_millis
+            .store(recovery_millis, Ordering::Relaxed);
+        tracing::info!(
+            records = stats.records,
+            entries = stats.entries,
+            millis = recovery_millis,
+            "recovered data directory"
+        );
         node.spawn_background();
         Ok(node)
     }
 
-    /// Initialises groups that have never run (every member proposes the same membership,
-    /// which openraft allows) and, on a single node, elects at once instead of waiting for an
-    /// election timeout after a restart.
-    async fn start_groups(&self) {
-        let members = |index: u32| -> BTreeMap<NodeId, BasicNode> {
-            self.map
-                .members(index)
-                .iter()
-                .map(|id| {
-                    let addr = self
-                        .map
-                        .node(*id)
-                        .map(|n| n.addr.clone())
-                        .unwrap_or_default();
-                    (*id, BasicNode { addr })
-                })
-                .collect()
-        };
+    /// Applies what recovery knows to be committed, and starts elections where waiting would
+    /// only delay readiness: at once on a single node, and by each group's preferred leader.
+    fn start_groups(&self) {
         let single = self.map.is_single_node();
-        futures_util::future::join_all(self.groups.iter().filter_map(|g| {
-            let raft = g.raft.clone()?;
-            let members = members(g.index);
-            Some(async move {
-                match raft.is_initialized().await {
-                    Ok(false) => {
-                        if let Err(e) = raft.initialize(members).await {
-                            tracing::debug!(group = g.index, error = %e, "group already initialised");
-                        }
-                    }
-                    Ok(true) if single => {
-                        let _ = raft.trigger().elect(false).await;
-                    }
-                    Ok(true) => {}
-                    Err(e) => tracing::error!(group = g.index, error = %e, "group failed to start"),
-                }
-            })
-        }))
-        .await;
+        let now = self.now();
+        for g in &self.groups {
+            let Some(core) = &g.core else { continue };
+            let mut core = core.lock();
+            if single || self.map.preferred_leader(g.index) == self.map.me() {
+                core.raft.campaign(now);
+            }
+            self.drive(g, &mut core);
+        }
+    }
+
+    pub(crate) fn weak(&self) -> Weak<Node> {
+        self.me.clone()
+    }
+
+    /// Milliseconds on this node's monotonic clock (the engines' time).
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -423,23 +356,14 @@ impl Node {
     /// Ready means this node can serve appends now: its log is healthy and every group it
     /// replicates has a leader.
     pub fn is_ready(&self) -> bool {
-        self.log.is_healthy()
-            && !*self.stop.borrow()
-            && self.groups.iter().all(|g| match &g.raft {
-                Some(raft) => raft.metrics().borrow_watched().current_leader.is_some(),
-                None => true,
-            })
+        self.log.is_healthy() && !*self.stop.borrow() && self.groups_without_leader() == 0
     }
 
-    /// Groups of this node's replicas that have no leader yet (for readiness messages).
+    /// Groups of this node's replicas that have no leader yet.
     pub fn groups_without_leader(&self) -> usize {
         self.groups
             .iter()
-            .filter(|g| {
-                g.raft
-                    .as_ref()
-                    .is_some_and(|r| r.metrics().borrow_watched().current_leader.is_none())
-            })
+            .filter(|g| g.is_member() && g.leader.borrow().is_none())
             .count()
     }
 
@@ -530,12 +454,10 @@ impl Node {
                         group.leader_hint.store(h, Ordering::Relaxed);
                     } else {
                         group.leader_hint.store(0, Ordering::Relaxed);
-                        if Instant::now() + Duration::from_millis(20) >= deadline {
-                            return Err(unavailable(
-                                "no leader for this session's group within the request timeout",
-                            ));
+                        if Instant::now() + Duration::from_millis(10) >= deadline {
+                            return Err(no_leader());
                         }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                     attempt += 1;
                 }
@@ -543,9 +465,7 @@ impl Node {
                 other => return Ok(other),
             }
             if Instant::now() >= deadline {
-                return Err(unavailable(
-                    "no leader for this session's group within the request timeout",
-                ));
+                return Err(no_leader());
             }
         }
     }
@@ -557,24 +477,20 @@ impl Node {
         attempt: usize,
         deadline: Instant,
     ) -> Result<NodeId, NodeError> {
-        if let Some(raft) = &group.raft {
-            let mut metrics = raft.metrics();
+        if group.is_member() {
+            let mut leader = group.leader.subscribe();
             loop {
-                if let Some(leader) = metrics.borrow_watched().current_leader {
-                    return Ok(leader);
+                if let Some(l) = *leader.borrow_and_update() {
+                    return Ok(l);
                 }
                 if let Some(hint) =
                     Some(group.leader_hint.load(Ordering::Relaxed)).filter(|h| *h != 0)
                 {
                     return Ok(hint);
                 }
-                match tokio::time::timeout_at(deadline.into(), metrics.changed()).await {
+                match tokio::time::timeout_at(deadline.into(), leader.changed()).await {
                     Ok(Ok(())) => {}
-                    _ => {
-                        return Err(unavailable(
-                            "this session's group has no leader (no quorum); retry later",
-                        ))
-                    }
+                    _ => return Err(no_leader()),
                 }
             }
         }
@@ -599,7 +515,7 @@ impl Node {
         self.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
         let request = Request::Client {
             group: group.index,
-            op: op.clone(),
+            op: Box::new(op.clone()),
         };
         let timeout = deadline.saturating_duration_since(Instant::now());
         let call = transport.call(target, &request, timeout);
@@ -607,20 +523,13 @@ impl Node {
         // is unknown: answer now (the client retries with its idempotency key) rather than
         // wait out the timeout on a node that may be gone.
         let leader_changed = async {
-            match &group.raft {
-                Some(raft) => {
-                    let mut metrics = raft.metrics();
-                    loop {
-                        let leader = metrics.borrow_watched().current_leader;
-                        if leader.is_some_and(|l| l != target) {
-                            return;
-                        }
-                        if metrics.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                }
-                None => std::future::pending().await,
+            if !group.is_member() {
+                return std::future::pending().await;
+            }
+            let mut leader = group.leader.subscribe();
+            let _ = leader.wait_for(|l| l.is_some_and(|l| l != target)).await;
+            if leader.has_changed().is_err() {
+                std::future::pending::<()>().await;
             }
         };
         let result = tokio::select! {
@@ -640,12 +549,95 @@ impl Node {
         }
     }
 
+    /// Proposes a command on this node's replica and waits for its applied answer.
+    async fn propose(
+        &self,
+        group: &Group,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<Applied, ClientReply> {
+        let Some(core) = &group.core else {
+            return Err(ClientReply::NotLeader(None));
+        };
+        let rx: oneshot::Receiver<Answer> = {
+            let mut core = core.lock();
+            match core.raft.propose(cmd, self.now()) {
+                Ok((index, term)) => {
+                    let rx = core.wait_for(index, term);
+                    self.drive(group, &mut core);
+                    rx
+                }
+                Err(hint) => return Err(ClientReply::NotLeader(hint)),
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(Ok(answer))) => Ok(answer),
+            Ok(Ok(Err(()))) => Err(ClientReply::Unavailable(format!(
+                "leadership changed before the write committed; {UNKNOWN_OUTCOME}"
+            ))),
+            Ok(Err(_)) => Err(ClientReply::Unavailable(format!(
+                "the group stopped; {UNKNOWN_OUTCOME}"
+            ))),
+            Err(_) => Err(ClientReply::Unavailable(format!(
+                "not committed within the request timeout; {UNKNOWN_OUTCOME}"
+            ))),
+        }
+    }
+
+    /// Proposes `cmd` in group `group` on this node (it must lead the group).
+    pub(crate) async fn propose_in(
+        &self,
+        group: u32,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<Applied, NodeError> {
+        self.propose(&self.groups[group as usize], cmd, deadline)
+            .await
+            .map_err(unexpected)
+    }
+
+    /// On the leader: the log index up to which every acknowledged write is included, with
+    /// leadership confirmed (lease).
+    async fn read_index(&self, group: &Group, deadline: Instant) -> Result<u64, ClientReply> {
+        let Some(core) = &group.core else {
+            return Err(ClientReply::NotLeader(None));
+        };
+        loop {
+            let answer = core.lock().raft.read_index(self.now());
+            match answer {
+                Ok(index) => return Ok(index),
+                Err(ReadError::NotLeader(hint)) => return Err(ClientReply::NotLeader(hint)),
+                Err(ReadError::NotReady) => {
+                    if Instant::now() >= deadline {
+                        return Err(ClientReply::Unavailable(
+                            "leadership not confirmed within the request timeout".into(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+
+    /// On the leader: waits until this replica has applied everything committed so far.
+    async fn linearize(&self, group: &Group, deadline: Instant) -> Result<(), ClientReply> {
+        let index = self.read_index(group, deadline).await?;
+        tokio::time::timeout_at(deadline.into(), group.shared.applied_at_least(index))
+            .await
+            .map_err(|_| ClientReply::Unavailable("apply did not catch up in time".into()))
+    }
+
     /// Executes `op` on this node's replica of the group.
-    async fn execute(&self, group: &Group, op: &ClientOp, deadline: Instant) -> ClientReply {
-        let Some(raft) = &group.raft else {
+    pub(crate) async fn execute(
+        &self,
+        group: &Group,
+        op: &ClientOp,
+        deadline: Instant,
+    ) -> ClientReply {
+        if !group.is_member() {
             let hint = group.leader_hint.load(Ordering::Relaxed);
             return ClientReply::NotLeader((hint != 0).then_some(hint));
-        };
+        }
         match op {
             ClientOp::Create {
                 id,
@@ -664,7 +656,10 @@ impl Node {
                     metadata: metadata.clone(),
                     created_at: Timestamp::now(),
                 };
-                match propose(raft, Command::Create(cmd.clone()), deadline).await {
+                match self
+                    .propose(group, Command::Create(cmd.clone()), deadline)
+                    .await
+                {
                     Ok(Applied::Created) => ClientReply::Created(cmd),
                     Ok(answer) => ClientReply::Applied(answer),
                     Err(reply) => reply,
@@ -685,7 +680,7 @@ impl Node {
                     None => {
                         // Unknown here: make sure this replica has everything committed
                         // before saying so (a 404 is never replicated).
-                        if let Err(reply) = linearize(raft, &group.shared, deadline).await {
+                        if let Err(reply) = self.linearize(group, deadline).await {
                             return reply;
                         }
                         if group.shared.read(|d| d.state.session(session_id).is_none()) {
@@ -694,12 +689,12 @@ impl Node {
                     }
                 }
                 let cmd = AppendCommand::new(session_id, request, Timestamp::now());
-                match propose(raft, Command::Append(cmd), deadline).await {
+                match self.propose(group, Command::Append(cmd), deadline).await {
                     Ok(answer) => ClientReply::Applied(answer),
                     Err(reply) => reply,
                 }
             }
-            ClientOp::ReadIndex => match read_index(raft, deadline).await {
+            ClientOp::ReadIndex => match self.read_index(group, deadline).await {
                 Ok(index) => ClientReply::ReadIndex(index),
                 Err(reply) => reply,
             },
@@ -759,7 +754,7 @@ impl Node {
         let op = ClientOp::Session {
             session_id: session_id.to_owned(),
         };
-        let reply = if group.raft.is_some() {
+        let reply = if group.is_member() {
             self.execute(group, &op, self.deadline()).await
         } else {
             self.route(group, &op, self.deadline()).await?
@@ -776,7 +771,7 @@ impl Node {
     /// not exist (as of every write acknowledged before the call).
     pub async fn subscribe(self: &Arc<Self>, session_id: &str) -> Result<Subscription, NodeError> {
         let group = self.group(session_id);
-        if group.raft.is_some() {
+        if group.is_member() {
             if let Some(rx) = group.shared.read(|d| d.subscribe(session_id)) {
                 return Ok(Subscription::Local(rx));
             }
@@ -804,7 +799,7 @@ impl Node {
         limit: usize,
     ) -> Result<Vec<Bytes>, NodeError> {
         let group = self.group(session_id);
-        if group.raft.is_some() {
+        if group.is_member() {
             return local_events(&group.shared, session_id, after, limit);
         }
         let op = ClientOp::ReadEvents {
@@ -823,61 +818,16 @@ impl Node {
         }
     }
 
-    /// Handles a request from a peer.
-    async fn handle(&self, request: Request) -> Result<Response, String> {
-        match request {
-            Request::Raft { group, rpc } => {
-                let raft = self
-                    .groups
-                    .get(group as usize)
-                    .and_then(|g| g.raft.clone())
-                    .ok_or_else(|| format!("this node does not replicate group {group}"))?;
-                let fatal = |e: openraft::error::Fatal<TypeConfig>| e.to_string();
-                match rpc {
-                    RaftRequest::Append(r) => raft
-                        .append_entries(r)
-                        .await
-                        .map(Response::Append)
-                        .map_err(|e| e.to_string()),
-                    RaftRequest::Vote(r) => raft
-                        .vote(r)
-                        .await
-                        .map(Response::Vote)
-                        .map_err(|e| e.to_string()),
-                    RaftRequest::PreVote(r) => raft
-                        .pre_vote(r)
-                        .await
-                        .map(Response::Vote)
-                        .map_err(|e| e.to_string()),
-                    RaftRequest::Snapshot { vote, meta, data } => raft
-                        .install_full_snapshot(
-                            vote,
-                            Snapshot {
-                                meta,
-                                snapshot: data,
-                            },
-                        )
-                        .await
-                        .map(Response::Snapshot)
-                        .map_err(fatal),
-                    RaftRequest::TransferLeader(r) => raft
-                        .handle_transfer_leader(r)
-                        .await
-                        .map(Response::TransferLeader)
-                        .map_err(fatal),
-                }
-            }
-            Request::Client { group, op } => {
-                let group = self
-                    .groups
-                    .get(group as usize)
-                    .ok_or_else(|| format!("no group {group}"))?;
-                self.counters.forwarded_in.fetch_add(1, Ordering::Relaxed);
-                Ok(Response::Client(
-                    self.execute(group, &op, self.deadline()).await,
-                ))
-            }
-        }
+    /// A client operation a peer handed to this node.
+    pub(crate) async fn handle_client(&self, group: u32, op: ClientOp) -> Result<Response, String> {
+        let group = self
+            .groups
+            .get(group as usize)
+            .ok_or_else(|| format!("no group {group}"))?;
+        self.counters.forwarded_in.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::Client(
+            self.execute(group, &op, self.deadline()).await,
+        ))
     }
 
     pub fn stats(&self) -> NodeStats {
@@ -888,7 +838,7 @@ impl Node {
             log_fsyncs: wal.fsyncs.load(Ordering::Relaxed),
             log_disk_bytes: self.log.disk_bytes(),
             recovery_records_replayed: self.recovery_records,
-            recovery_millis: self.recovery_millis,
+            recovery_millis: self.recovery_millis.load(Ordering::Relaxed),
             forwarded_out: self.counters.forwarded_out.load(Ordering::Relaxed),
             forwarded_in: self.counters.forwarded_in.load(Ordering::Relaxed),
             ..NodeStats::default()
@@ -898,17 +848,16 @@ impl Node {
             stats.peer_bytes_received = t.stats.bytes_received.load(Ordering::Relaxed);
         }
         for g in &self.groups {
-            let Some(raft) = &g.raft else { continue };
+            let Some(core) = &g.core else { continue };
             stats.groups_replicated += 1;
             stats.sessions += g.shared.read(|d| d.state.session_count() as u64);
             stats.snapshots_taken += g.shared.snapshots_built();
-            let m = raft.metrics().borrow_watched().clone();
-            stats.terms_total += m.current_term;
-            if m.current_leader == Some(self.map.me()) && m.state.is_leader() {
+            let status = core.lock().raft.status();
+            stats.terms_total += status.term;
+            if status.role == Role::Leader {
                 stats.groups_led += 1;
-                let last = m.last_log_index.unwrap_or(0);
-                for matched in m.replication.iter().flat_map(|r| r.values()) {
-                    let lag = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
+                for peer in &status.peers {
+                    let lag = status.last_index.saturating_sub(peer.matched);
                     stats.replication_lag_max = stats.replication_lag_max.max(lag);
                     stats.replication_lag_total += lag;
                 }
@@ -917,35 +866,37 @@ impl Node {
         stats
     }
 
-    /// The group's leader as this node sees it (None while unknown or not a member).
-    fn leads(&self, group: &Group) -> bool {
-        group.raft.as_ref().is_some_and(|r| {
-            let m = r.metrics();
-            let m = m.borrow_watched();
-            m.state.is_leader() && m.current_leader == Some(self.map.me())
-        })
+    /// Whether this node leads `group` now.
+    pub(crate) fn leads(&self, group: &Group) -> bool {
+        group
+            .core
+            .as_ref()
+            .is_some_and(|c| c.lock().raft.is_leader())
     }
 
     fn spawn_background(self: &Arc<Self>) {
         let mut tasks = self.background.lock();
-        tasks.push(tokio::spawn(compact_log(Arc::downgrade(self))));
+        tasks.push(tokio::spawn(crate::background::tick(Arc::downgrade(self))));
+        tasks.push(tokio::spawn(crate::background::compact_log(
+            Arc::downgrade(self),
+        )));
         if self.config.is_cluster() {
-            tasks.push(tokio::spawn(balance_leaders(Arc::downgrade(self))));
+            tasks.push(tokio::spawn(crate::background::balance_leaders(
+                Arc::downgrade(self),
+            )));
         }
     }
 
-    /// Stops background work, leaves the cluster's connections and shuts the groups down.
+    pub(crate) fn is_stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Stops background work and leaves the cluster's connections. What is durable stays.
     pub async fn shutdown(&self) {
         self.stop.send_replace(true);
         for task in self.background.lock().drain(..) {
             task.abort();
         }
-        futures_util::future::join_all(self.groups.iter().filter_map(|g| g.raft.clone()).map(
-            |raft| async move {
-                let _ = raft.shutdown().await;
-            },
-        ))
-        .await;
         if let Some(t) = &self.transport {
             t.shutdown();
         }
@@ -1022,49 +973,6 @@ fn local_events(
     })
 }
 
-/// Proposes a command on this node's replica and waits for its applied answer.
-async fn propose(raft: &Raft, cmd: Command, deadline: Instant) -> Result<Applied, ClientReply> {
-    match tokio::time::timeout_at(deadline.into(), raft.client_write(cmd)).await {
-        Ok(Ok(response)) => Ok(response.data),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            Err(ClientReply::NotLeader(f.leader_id))
-        }
-        Ok(Err(e)) => Err(ClientReply::Unavailable(format!("{e}; {UNKNOWN_OUTCOME}"))),
-        Err(_) => Err(ClientReply::Unavailable(format!(
-            "not committed within the request timeout; {UNKNOWN_OUTCOME}"
-        ))),
-    }
-}
-
-/// On the leader: the log index up to which every acknowledged write is included, with
-/// leadership confirmed (lease).
-async fn read_index(raft: &Raft, deadline: Instant) -> Result<u64, ClientReply> {
-    match tokio::time::timeout_at(deadline.into(), raft.get_read_log_id(ReadPolicy::LeaseRead))
-        .await
-    {
-        Ok(Ok((read, _))) => Ok(read.log_id().index),
-        Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-            Err(ClientReply::NotLeader(f.leader_id))
-        }
-        Ok(Err(e)) => Err(ClientReply::Unavailable(e.to_string())),
-        Err(_) => Err(ClientReply::Unavailable(
-            "leadership not confirmed within the request timeout".into(),
-        )),
-    }
-}
-
-/// On the leader: waits until this replica has applied everything committed so far.
-async fn linearize(
-    raft: &Raft,
-    shared: &GroupShared,
-    deadline: Instant,
-) -> Result<(), ClientReply> {
-    let index = read_index(raft, deadline).await?;
-    tokio::time::timeout_at(deadline.into(), shared.applied_at_least(index))
-        .await
-        .map_err(|_| ClientReply::Unavailable("apply did not catch up in time".into()))
-}
-
 fn append_outcome(session_id: &str, answer: Applied) -> Result<AppendOutcome, NodeError> {
     match answer {
         Applied::Appended { seq } => Ok(AppendOutcome {
@@ -1097,248 +1005,10 @@ fn unexpected(reply: ClientReply) -> NodeError {
     }
 }
 
+fn no_leader() -> NodeError {
+    unavailable("this session's group has no leader (no quorum of its replicas) right now; retry with the same idempotency key")
+}
+
 fn unavailable_log() -> NodeError {
     unavailable("the node's log failed a write and no longer accepts writes; restart the node")
-}
-
-fn handler(node: Weak<Node>) -> Handler {
-    Arc::new(move |_from, request| {
-        let node = node.upgrade();
-        Box::pin(async move {
-            match node {
-                Some(node) => node.handle(request).await,
-                None => Err("node is shutting down".into()),
-            }
-        })
-    })
-}
-
-/// Keeps the log on disk bounded: groups whose old entries pin the oldest segment take a
-/// snapshot (which purges them), then segments nobody needs are deleted.
-async fn compact_log(node: Weak<Node>) {
-    let mut last_forced: Vec<Option<Instant>> = Vec::new();
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let Some(node) = node.upgrade() else { return };
-        if last_forced.is_empty() {
-            last_forced = vec![None; node.groups.len()];
-        }
-        let (oldest, pinning) = node.log.pinning_groups();
-        let current = node.log.current_segment();
-        let too_big = node.log.disk_bytes() > node.config.snapshot_every_bytes;
-        if too_big && oldest < current {
-            for g in pinning {
-                let due =
-                    last_forced[g as usize].is_none_or(|t| t.elapsed() > Duration::from_secs(10));
-                if let (true, Some(raft)) = (due, &node.groups[g as usize].raft) {
-                    last_forced[g as usize] = Some(Instant::now());
-                    let _ = raft.trigger().snapshot().await;
-                }
-            }
-        }
-        let log = node.log.clone();
-        drop(node);
-        match tokio::task::spawn_blocking(move || log.collect_garbage()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(segments = n, "deleted log segments no group needs"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not delete old log segments"),
-            Err(_) => {}
-        }
-    }
-}
-
-/// Moves leadership of each group to its preferred member when that member is connected and
-/// caught up, so leaders (and the write load) spread evenly over the nodes.
-async fn balance_leaders(node: Weak<Node>) {
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let Some(node) = node.upgrade() else { return };
-        let Some(transport) = node.transport.clone() else {
-            return;
-        };
-        let me = node.map.me();
-        let mut moved = 0;
-        for g in &node.groups {
-            if moved >= 8 {
-                break;
-            }
-            let preferred = node.map.preferred_leader(g.index);
-            if preferred == me || !node.leads(g) || !transport.is_connected(preferred) {
-                continue;
-            }
-            let Some(raft) = &g.raft else { continue };
-            let caught_up = {
-                let m = raft.metrics();
-                let m = m.borrow_watched();
-                let last = m.last_log_index;
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(&preferred))
-                    .is_some_and(|matched| matched.map(|l| l.index) == last)
-            };
-            if caught_up {
-                tracing::debug!(
-                    group = g.index,
-                    to = node.map.name_of(preferred),
-                    "moving leadership to the preferred node"
-                );
-                let _ = raft.trigger().transfer_leader(preferred).await;
-                moved += 1;
-            }
-        }
-    }
-}
-
-/// What the archiver needs from the node: the committed, unarchived events of the groups this
-/// node leads, and a way to record what the archive now holds.
-#[derive(Debug, Default)]
-pub struct ArchiveBacklog {
-    /// Sessions whose header must be upserted before their events.
-    pub sessions: Vec<SessionView>,
-    pub runs: Vec<ArchiveRun>,
-}
-
-impl ArchiveBacklog {
-    pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty() && self.runs.is_empty()
-    }
-
-    pub fn event_count(&self) -> usize {
-        self.runs.iter().map(|r| r.events.len()).sum()
-    }
-}
-
-/// Events `first_seq ..= first_seq + events.len() - 1` of one session.
-#[derive(Debug)]
-pub struct ArchiveRun {
-    pub session_id: String,
-    pub first_seq: u64,
-    pub events: Vec<Bytes>,
-}
-
-impl ArchiveRun {
-    pub fn last_seq(&self) -> u64 {
-        self.first_seq + self.events.len() as u64 - 1
-    }
-}
-
-/// How far the archive is behind, for metrics.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ArchiveLag {
-    /// Committed events not yet archived.
-    pub pending_events: u64,
-    /// Sessions with anything not yet archived.
-    pub pending_sessions: u64,
-    /// Events held in memory (hot tier), archived or not.
-    pub hot_events: u64,
-}
-
-impl Node {
-    fn led_groups(&self) -> impl Iterator<Item = &Group> {
-        self.groups.iter().filter(|g| self.leads(g))
-    }
-
-    /// Collects up to `budget` committed, unarchived events of the groups this node leads
-    /// (each session's run starts right after its archive mark, so acknowledging a run never
-    /// leaves a hole).
-    pub fn archive_backlog(&self, budget: usize) -> ArchiveBacklog {
-        let mut backlog = ArchiveBacklog::default();
-        let mut remaining = budget;
-        for group in self.led_groups() {
-            if remaining == 0 {
-                break;
-            }
-            group.shared.read(|d| {
-                for session_id in &d.unarchived {
-                    if remaining == 0 {
-                        break;
-                    }
-                    let Some(session) = d.state.session(session_id) else {
-                        continue;
-                    };
-                    if d.headers_unarchived.contains(session_id) {
-                        backlog.sessions.push(session.view());
-                    }
-                    let events =
-                        session.events_between(session.archived_seq, session.last_seq, remaining);
-                    if events.is_empty() {
-                        continue;
-                    }
-                    remaining -= events.len();
-                    backlog.runs.push(ArchiveRun {
-                        session_id: session_id.clone(),
-                        first_seq: session.archived_seq + 1,
-                        events,
-                    });
-                }
-            });
-        }
-        backlog
-    }
-
-    /// Records that the archive durably holds these session headers.
-    pub fn headers_archived(&self, sessions: &[SessionView]) {
-        for view in sessions {
-            self.group(&view.id).shared.update(|d| {
-                d.headers_unarchived.remove(&view.id);
-                if d.fully_archived(&view.id) {
-                    d.unarchived.remove(&view.id);
-                }
-            });
-        }
-    }
-
-    /// Replicates that events `1..=archived_seq` of each session are in the archive; every
-    /// replica then keeps only the newest `keep_hot` of them in memory. One command per
-    /// group. Returns how many events left this node's memory.
-    pub async fn acknowledge_archived(
-        &self,
-        marks: &[(String, u64)],
-        keep_hot: u64,
-    ) -> Result<u64, NodeError> {
-        let mut per_group: BTreeMap<u32, Vec<ArchiveMark>> = BTreeMap::new();
-        for (session_id, archived_seq) in marks {
-            per_group
-                .entry(group_of(session_id, self.config.groups))
-                .or_default()
-                .push(ArchiveMark {
-                    session_id: session_id.clone(),
-                    archived_seq: *archived_seq,
-                });
-        }
-        let deadline = self.deadline();
-        let results =
-            futures_util::future::join_all(per_group.into_iter().filter_map(|(group, marks)| {
-                let raft = self.groups[group as usize].raft.clone()?;
-                Some(async move {
-                    let cmd = Command::ArchiveAck(ArchiveAckCommand { marks, keep_hot });
-                    propose(&raft, cmd, deadline).await
-                })
-            }))
-            .await;
-        let mut trimmed = 0;
-        for r in results {
-            match r {
-                Ok(Applied::Archived { trimmed: n }) => trimmed += n,
-                Ok(_) => {}
-                Err(reply) => return Err(unexpected(reply)),
-            }
-        }
-        Ok(trimmed)
-    }
-
-    pub fn archive_lag(&self) -> ArchiveLag {
-        let mut lag = ArchiveLag::default();
-        for group in self.led_groups() {
-            group.shared.read(|d| {
-                lag.pending_sessions += d.unarchived.len() as u64;
-                for session in d.state.sessions() {
-                    lag.pending_events += session.last_seq - session.archived_seq;
-                    lag.hot_events += session.last_seq + 1 - session.first_seq();
-                }
-            });
-        }
-        lag
-    }
 }

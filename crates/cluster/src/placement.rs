@@ -1,7 +1,7 @@
 //! Which nodes replicate which group, and which of them should lead it. Pure functions of the
 //! cluster's node list, so every node computes the same answer without talking to the others.
 
-use crate::types::NodeId;
+use starcite_raft::NodeId;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Replicas per group (fewer when the cluster has fewer nodes).

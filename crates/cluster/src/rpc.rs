@@ -1,41 +1,37 @@
 //! Messages between nodes: every group's Raft traffic and the client requests a node hands to
 //! a group's leader (or, for groups it does not replicate, to a replica).
 
-use crate::types::{SnapshotData, SnapshotMeta, TypeConfig, Vote};
 use bytes::Bytes;
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
-};
 use serde::{Deserialize, Serialize};
-use starcite_core::{AppendRequest, Applied, CreateCommand, SessionId};
+use starcite_core::{AppendRequest, Applied, Command, CreateCommand, SessionId};
 
-#[derive(Debug, Serialize, Deserialize)]
-pub enum Request {
-    Raft { group: u32, rpc: RaftRequest },
-    Client { group: u32, op: ClientOp },
+pub type RaftMessage = starcite_raft::Message<Command>;
+pub type RaftEntry = starcite_raft::Entry<Command>;
+
+/// Roughly what a command costs to replicate (it bounds the entries per message).
+pub fn command_size(command: &Command) -> usize {
+    match command {
+        Command::Append(a) => a.body.len() + a.session_id.len() + 48,
+        Command::Create(c) => c.metadata.len() + c.id.len() + 48,
+        Command::ArchiveAck(a) => a.marks.len() * 48 + 16,
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub enum RaftRequest {
-    Append(AppendEntriesRequest<TypeConfig>),
-    Vote(VoteRequest<TypeConfig>),
-    PreVote(VoteRequest<TypeConfig>),
-    Snapshot {
-        vote: Vote,
-        meta: SnapshotMeta,
-        data: SnapshotData,
+pub enum Request {
+    Client {
+        group: u32,
+        op: Box<ClientOp>,
     },
-    TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// Whether the asked node holds any data (a new node uses the answers to tell a new
+    /// cluster from one it is rejoining).
+    HasData,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
-    Append(AppendEntriesResponse<TypeConfig>),
-    Vote(VoteResponse<TypeConfig>),
-    Snapshot(SnapshotResponse<TypeConfig>),
-    TransferLeader(TransferLeaderResponse<TypeConfig>),
     Client(ClientReply),
+    HasData(bool),
 }
 
 /// A client operation for a group, handed to a node that can execute it.
@@ -140,6 +136,11 @@ pub enum Frame {
         id: u64,
         result: Result<Response, String>,
     },
+    /// One-way: a group's Raft message (answers are messages of their own).
+    Raft {
+        group: u32,
+        message: RaftMessage,
+    },
 }
 
 impl Frame {
@@ -155,74 +156,63 @@ impl Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Entry, LogId};
-    use openraft::vote::RaftLeaderId;
-    use openraft::EntryPayload;
-    use starcite_core::{AppendCommand, Command, Timestamp};
+    use starcite_core::{AppendCommand, Timestamp};
+    use starcite_raft::{Entry, Message};
 
-    /// openraft's messages survive postcard (a positional format) intact.
     #[test]
-    fn raft_messages_round_trip() {
-        let leader = openraft::impls::leader_id_adv::LeaderId::new(3, 7);
-        let log_id = LogId::new(leader.to_committed(), 41);
+    fn frames_round_trip() {
         let req = AppendRequest::parse(br#"{"type":"t","actor":"a","payload":{"k":[1,2]}}"#)
             .expect("valid");
         let entry = Entry {
-            log_id,
-            payload: EntryPayload::Normal(Command::Append(AppendCommand::new(
+            term: 3,
+            index: 41,
+            payload: Some(Command::Append(AppendCommand::new(
                 "s1",
                 &req,
                 Timestamp(5),
             ))),
         };
-        let frame = Frame::Request {
-            id: 9,
-            request: Request::Raft {
-                group: 2,
-                rpc: RaftRequest::Append(AppendEntriesRequest {
-                    vote: Vote::new_committed(3, 7),
-                    prev_log_id: Some(log_id),
-                    entries: vec![entry.clone()],
-                    leader_commit: Some(log_id),
-                }),
+        let frame = Frame::Raft {
+            group: 2,
+            message: Message::Append {
+                term: 3,
+                prev_index: 40,
+                prev_term: 3,
+                entries: vec![entry.clone()],
+                commit: 39,
+                last_index: 41,
+                sent_at: 77,
             },
         };
         let bytes = frame.encode().unwrap();
-        let Frame::Request {
-            id: 9,
-            request:
-                Request::Raft {
-                    group: 2,
-                    rpc: RaftRequest::Append(back),
-                },
+        let Frame::Raft {
+            group: 2,
+            message: Message::Append { entries, .. },
         } = Frame::decode(&bytes).unwrap()
         else {
             panic!("wrong frame")
         };
-        assert_eq!(back.entries, vec![entry]);
-        assert_eq!(back.leader_commit, Some(log_id));
-        assert_eq!(back.vote, Vote::new_committed(3, 7));
+        assert_eq!(entries, vec![entry]);
 
         let op = Frame::Request {
             id: 1,
             request: Request::Client {
                 group: 0,
-                op: ClientOp::Append {
+                op: Box::new(ClientOp::Append {
                     session_id: "s1".into(),
                     request: req.clone(),
-                },
+                }),
             },
         };
         let Frame::Request {
-            request:
-                Request::Client {
-                    op: ClientOp::Append { request, .. },
-                    ..
-                },
+            request: Request::Client { op, .. },
             ..
         } = Frame::decode(&op.encode().unwrap()).unwrap()
         else {
             panic!("wrong frame")
+        };
+        let ClientOp::Append { request, .. } = *op else {
+            panic!("wrong op")
         };
         assert_eq!(request, req);
     }

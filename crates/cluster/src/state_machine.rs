@@ -4,17 +4,13 @@
 //! they see has been committed by a quorum, so nothing shown can be taken back by a crash or a
 //! failover. Snapshots are the whole group state, written atomically to one file per group.
 
-use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
-use futures_util::StreamExt;
-use openraft::storage::{EntryResponder, RaftStateMachine};
-use openraft::{EntryPayload, RaftSnapshotBuilder};
+use crate::NodeError;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use starcite_core::{Applied, Command, GroupState};
 use starcite_storage::{read_framed_file, write_framed_file};
 use std::collections::{HashMap, HashSet};
-use std::io;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -23,8 +19,6 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"STGSNAP1";
 /// What readers of a group see: the applied state and the bookkeeping derived from it.
 pub struct GroupData {
     pub state: GroupState,
-    last_applied: Option<LogId>,
-    last_membership: StoredMembership,
     /// Per session: its applied `last_seq`, for tails to wait on.
     visible: HashMap<String, watch::Sender<u64>>,
     /// Sessions with events (or a header) the archive may not have yet.
@@ -38,8 +32,6 @@ impl GroupData {
     fn new(state: GroupState) -> Self {
         let mut data = GroupData {
             state,
-            last_applied: None,
-            last_membership: StoredMembership::default(),
             visible: HashMap::new(),
             unarchived: HashSet::new(),
             headers_unarchived: HashSet::new(),
@@ -50,7 +42,7 @@ impl GroupData {
 
     /// Recomputes the derived sets from the state, keeping existing watch senders so that
     /// tails waiting on them see the new values.
-    fn rebuild_derived(&mut self) {
+    pub fn rebuild_derived(&mut self) {
         self.unarchived.clear();
         self.headers_unarchived.clear();
         for s in self.state.sessions() {
@@ -93,7 +85,7 @@ impl GroupData {
                 .is_some_and(|s| s.archived_seq >= s.last_seq)
     }
 
-    fn apply_command(&mut self, cmd: &Command) -> Applied {
+    pub fn apply_command(&mut self, cmd: &Command) -> Applied {
         let answer = self.state.apply(cmd);
         match (cmd, &answer) {
             (Command::Create(c), Applied::Created) => {
@@ -134,13 +126,30 @@ pub struct GroupShared {
 }
 
 impl GroupShared {
-    pub fn new(index: u32, idempotency_window: u64) -> Arc<Self> {
+    pub fn new(index: u32, state: GroupState, applied: u64) -> Arc<Self> {
         Arc::new(GroupShared {
             index,
-            data: Mutex::new(GroupData::new(GroupState::new(idempotency_window))),
-            applied: watch::Sender::new(0),
+            data: Mutex::new(GroupData::new(state)),
+            applied: watch::Sender::new(applied),
             snapshots: Default::default(),
         })
+    }
+
+    /// Records that the state now reflects the log up to `index`.
+    pub fn set_applied(&self, index: u64) {
+        self.applied.send_if_modified(|a| {
+            if index > *a {
+                *a = index;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn count_snapshot(&self) {
+        self.snapshots
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Snapshots this replica has built.
@@ -169,160 +178,62 @@ impl GroupShared {
     }
 }
 
+/// A group's snapshot on disk: the state machine as of `index` (whose entry had `term`).
+pub struct SnapshotFile {
+    pub index: u64,
+    pub term: u64,
+    /// The postcard-encoded [`GroupState`].
+    pub data: bytes::Bytes,
+}
+
 #[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta,
+struct SnapshotHeader {
+    index: u64,
+    term: u64,
 }
 
-/// openraft's state machine for one group: applies to [`GroupShared`] and keeps the group's
-/// latest snapshot in `snapshot_path`.
-#[derive(Clone)]
-pub struct GroupStateMachine {
-    shared: Arc<GroupShared>,
-    snapshot_path: PathBuf,
-    idempotency_window: u64,
-}
-
-impl GroupStateMachine {
-    pub fn new(shared: Arc<GroupShared>, snapshot_path: PathBuf, idempotency_window: u64) -> Self {
-        GroupStateMachine {
-            shared,
-            snapshot_path,
-            idempotency_window,
-        }
-    }
-
-    fn decode_state(&self, data: &[u8]) -> Result<GroupState, io::Error> {
-        postcard::from_bytes::<GroupState>(data)
-            .map(|s| s.with_idempotency_window(self.idempotency_window))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot: {e}")))
-    }
-
-    async fn write_snapshot_file(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), io::Error> {
-        let header = postcard::to_allocvec(&SnapshotFile { meta: meta.clone() })
-            .map_err(io::Error::other)?;
-        let path = self.snapshot_path.clone();
-        let data = data.to_vec();
-        tokio::task::spawn_blocking(move || {
-            write_framed_file(&path, SNAPSHOT_MAGIC, &[&header, &data])
-        })
-        .await
-        .map_err(io::Error::other)?
-        .map_err(io::Error::other)
-    }
-}
-
-impl RaftSnapshotBuilder<TypeConfig> for GroupStateMachine {
-    type SnapshotData = SnapshotData;
-
-    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (state, last_log_id, last_membership) = self
-            .shared
-            .read(|d| (d.state.clone(), d.last_applied, d.last_membership.clone()));
-        let data = tokio::task::spawn_blocking(move || postcard::to_allocvec(&state))
-            .await
-            .map_err(io::Error::other)?
-            .map_err(io::Error::other)?;
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-        };
-        self.write_snapshot_file(&meta, &data).await?;
-        self.shared
-            .snapshots
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Snapshot {
-            meta,
-            snapshot: data,
-        })
-    }
-}
-
-impl RaftStateMachine<TypeConfig> for GroupStateMachine {
-    type SnapshotData = SnapshotData;
-    type SnapshotBuilder = GroupStateMachine;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        Ok(self
-            .shared
-            .read(|d| (d.last_applied, d.last_membership.clone())))
-    }
-
-    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where
-        Strm: futures_util::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
-            + Unpin
-            + Send,
-    {
-        while let Some(item) = entries.next().await {
-            let (entry, responder) = item?;
-            let index = entry.log_id.index;
-            let answer = self.shared.update(|d| {
-                d.last_applied = Some(entry.log_id);
-                match &entry.payload {
-                    EntryPayload::Blank => Applied::Ignored,
-                    EntryPayload::Membership(m) => {
-                        d.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                        Applied::Ignored
-                    }
-                    EntryPayload::Normal(cmd) => d.apply_command(cmd),
-                }
-            });
-            self.shared.applied.send_replace(index);
-            if let Some(responder) = responder {
-                responder.send(answer);
-            }
-        }
-        Ok(())
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: SnapshotData,
-    ) -> Result<(), io::Error> {
-        let state = self.decode_state(&snapshot)?;
-        self.write_snapshot_file(meta, &snapshot).await?;
-        let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
-        self.shared.update(|d| {
-            d.state = state;
-            d.last_applied = meta.last_log_id;
-            d.last_membership = meta.last_membership.clone();
-            d.rebuild_derived();
-        });
-        self.shared.applied.send_replace(index);
-        Ok(())
-    }
-
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let path = self.snapshot_path.clone();
-        let frames = tokio::task::spawn_blocking(move || read_framed_file(&path, SNAPSHOT_MAGIC))
-            .await
-            .map_err(io::Error::other)?
-            .map_err(io::Error::other)?;
-        let Some(mut frames) = frames else {
+impl SnapshotFile {
+    /// Reads the snapshot at `path`, if there is one. Blocking.
+    pub fn read(path: &Path) -> Result<Option<SnapshotFile>, NodeError> {
+        let Some(mut frames) = read_framed_file(path, SNAPSHOT_MAGIC)? else {
             return Ok(None);
         };
+        let damaged = || NodeError::Startup(format!("snapshot {} is damaged", path.display()));
         if frames.len() != 2 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("snapshot {} is damaged", self.snapshot_path.display()),
-            ));
+            return Err(damaged());
         }
         let data = frames.pop().unwrap_or_default();
-        let file: SnapshotFile = postcard::from_bytes(&frames[0]).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("snapshot {}: {e}", self.snapshot_path.display()),
-            )
-        })?;
-        Ok(Some(Snapshot {
-            meta: file.meta,
-            snapshot: data,
+        let header: SnapshotHeader = postcard::from_bytes(&frames[0]).map_err(|_| damaged())?;
+        Ok(Some(SnapshotFile {
+            index: header.index,
+            term: header.term,
+            data: bytes::Bytes::from(data),
         }))
     }
+
+    /// Writes it atomically and durably. Blocking.
+    pub fn write(&self, path: &Path) -> Result<(), NodeError> {
+        let header = postcard::to_allocvec(&SnapshotHeader {
+            index: self.index,
+            term: self.term,
+        })
+        .map_err(|e| NodeError::Startup(e.to_string()))?;
+        write_framed_file(path, SNAPSHOT_MAGIC, &[&header, &self.data])?;
+        Ok(())
+    }
+
+    pub fn decode(&self, idempotency_window: u64) -> Result<GroupState, NodeError> {
+        decode_state(&self.data, idempotency_window)
+    }
+}
+
+pub fn encode_state(state: &GroupState) -> bytes::Bytes {
+    // Serialising plain data into a Vec cannot fail.
+    bytes::Bytes::from(postcard::to_allocvec(state).unwrap_or_default())
+}
+
+pub fn decode_state(data: &[u8], idempotency_window: u64) -> Result<GroupState, NodeError> {
+    postcard::from_bytes::<GroupState>(data)
+        .map(|s| s.with_idempotency_window(idempotency_window))
+        .map_err(|e| NodeError::Startup(format!("snapshot cannot be decoded: {e}")))
 }

@@ -11,11 +11,11 @@
 //! whole postcard-encoded [`Frame`]; kind 1 is a fragment `[u64 stream][u8 last][data]`.
 
 use crate::placement::ClusterMap;
-use crate::rpc::{Frame, Request, Response};
-use crate::types::NodeId;
+use crate::rpc::{Frame, RaftMessage, Request, Response};
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::Serialize;
+use starcite_raft::NodeId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -34,8 +34,12 @@ const WRITE_BATCH: usize = 1024 * 1024;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Answers a peer's request.
 pub type Handler =
     Arc<dyn Fn(NodeId, Request) -> BoxFuture<'static, Result<Response, String>> + Send + Sync>;
+/// Takes a peer's Raft message for a group; runs on the connection's reader, so it must not
+/// block.
+pub type RaftHandler = Arc<dyn Fn(NodeId, u32, RaftMessage) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -68,6 +72,10 @@ enum FrameRef<'a> {
     Response {
         id: u64,
         result: &'a Result<Response, String>,
+    },
+    Raft {
+        group: u32,
+        message: &'a RaftMessage,
     },
 }
 
@@ -119,6 +127,7 @@ pub struct Transport {
     fingerprint: u64,
     peers: HashMap<NodeId, Arc<Peer>>,
     handler: OnceLock<Handler>,
+    raft_handler: OnceLock<RaftHandler>,
     stop: watch::Sender<bool>,
     pub stats: TransportStats,
 }
@@ -153,6 +162,7 @@ impl Transport {
             fingerprint: map.fingerprint(),
             peers,
             handler: OnceLock::new(),
+            raft_handler: OnceLock::new(),
             stop: watch::Sender::new(false),
             stats: TransportStats::default(),
         });
@@ -167,6 +177,27 @@ impl Transport {
 
     pub fn set_handler(&self, handler: Handler) {
         let _ = self.handler.set(handler);
+    }
+
+    pub fn set_raft_handler(&self, handler: RaftHandler) {
+        let _ = self.raft_handler.set(handler);
+    }
+
+    /// Sends a group's Raft message if there is a connection to `to`; Raft retransmits what
+    /// gets lost. Returns whether it was queued.
+    pub fn send_raft(&self, to: NodeId, group: u32, message: &RaftMessage) -> bool {
+        let Some(conn) = self.peers.get(&to).and_then(|p| p.conn.borrow().clone()) else {
+            return false;
+        };
+        let Ok(bytes) = encode(&FrameRef::Raft { group, message }) else {
+            return false;
+        };
+        let len = bytes.len() as u64;
+        let sent = conn.send(bytes);
+        if sent {
+            self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
+        }
+        sent
     }
 
     pub fn is_connected(&self, to: NodeId) -> bool {
@@ -561,6 +592,11 @@ async fn read_loop(
                     }
                 });
             }
+            Frame::Raft { group, message } => {
+                if let Some(handler) = transport.raft_handler.get() {
+                    handler(from, group, message);
+                }
+            }
             Frame::Hello { .. } => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -599,14 +635,16 @@ mod tests {
         Arc::new(|_from, request| {
             Box::pin(async move {
                 match request {
-                    Request::Client {
-                        op: ClientOp::ReadEvents { after, limit, .. },
-                        ..
-                    } => Ok(Response::Client(ClientReply::Events(
-                        (0..limit)
-                            .map(|i| bytes::Bytes::from(vec![i as u8; after as usize]))
-                            .collect(),
-                    ))),
+                    Request::Client { op, .. } => match *op {
+                        ClientOp::ReadEvents { after, limit, .. } => {
+                            Ok(Response::Client(ClientReply::Events(
+                                (0..limit)
+                                    .map(|i| bytes::Bytes::from(vec![i as u8; after as usize]))
+                                    .collect(),
+                            )))
+                        }
+                        _ => Err("unexpected".into()),
+                    },
                     _ => Err("unexpected".into()),
                 }
             })
@@ -616,11 +654,11 @@ mod tests {
     fn read(after: u64, limit: u32) -> Request {
         Request::Client {
             group: 0,
-            op: ClientOp::ReadEvents {
+            op: Box::new(ClientOp::ReadEvents {
                 session_id: "s".into(),
                 after,
                 limit,
-            },
+            }),
         }
     }
 

@@ -34,6 +34,13 @@ pub struct ServeConfig {
     #[arg(long, env = "CLUSTER_NODES")]
     pub cluster_nodes: Option<String>,
 
+    /// How a node with an empty data directory joins: `auto` asks the other nodes (rejoin if
+    /// any has data), `new` (a new cluster), `existing` (a replaced or wiped node: it catches
+    /// up before it votes).
+    #[arg(long, env = "STARCITE_CLUSTER_STATE", default_value = "auto",
+          value_parser = ["auto", "new", "existing"])]
+    pub cluster_state: String,
+
     /// Address the internal listener binds to. Default: the host of this node's
     /// CLUSTER_NODES entry if it is an IP address, else 0.0.0.0 (on that entry's port).
     #[arg(long, env = "STARCITE_CLUSTER_BIND")]
@@ -108,7 +115,7 @@ pub struct ServeConfig {
 
     /// Each group takes a snapshot (and drops the log entries it covers) after this many
     /// log entries.
-    #[arg(long, env = "STARCITE_SNAPSHOT_EVERY_ENTRIES", default_value_t = 20_000,
+    #[arg(long, env = "STARCITE_SNAPSHOT_EVERY_ENTRIES", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(10..))]
     pub snapshot_every_entries: u64,
 

@@ -12,7 +12,7 @@ mod tail;
 
 use clap::{Parser, Subcommand};
 use config::ServeConfig;
-use starcite_cluster::{Node, NodeConfig};
+use starcite_cluster::{ClusterState, Node, NodeConfig};
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if format == "json" {
         builder.json().init();
@@ -167,6 +167,11 @@ async fn run(config: ServeConfig) -> Result<(), String> {
         request_timeout: config.request_timeout(),
         node_name: config.node_name.clone(),
         cluster_nodes: cluster.clone(),
+        cluster_state: match config.cluster_state.as_str() {
+            "new" => ClusterState::New,
+            "existing" => ClusterState::Existing,
+            _ => ClusterState::Auto,
+        },
         heartbeat_interval: Duration::from_millis(config.raft_heartbeat_ms),
         election_timeout: Duration::from_millis(config.raft_election_timeout_ms),
     };

@@ -1,0 +1,145 @@
+//! The node's background work: time for the Raft engines, log compaction, leader balance.
+
+use crate::node::Node;
+use starcite_raft::Role;
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+/// Drives every group's clock (elections, heartbeats, retransmissions) and records commit
+/// marks in the log now and then, so a restart re-applies without waiting for a leader.
+pub(crate) async fn tick(node: Weak<Node>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(
+        std::env::var("TICK_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+    ));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round = 0u64;
+    loop {
+        interval.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.is_stopping() {
+            return;
+        }
+        let now = node.now();
+        round += 1;
+        let mark_commits = round.is_multiple_of(10);
+        let mut marks = Vec::new();
+        for g in &node.groups {
+            let Some(core) = &g.core else { continue };
+            let mut core = core.lock();
+            core.raft.tick(now);
+            node.drive(g, &mut core);
+            let commit = core.raft.commit();
+            if mark_commits && commit > core.commit_marked {
+                core.commit_marked = commit;
+                marks.push((g.index, commit));
+            }
+        }
+        node.log.write_commits(&marks);
+    }
+}
+
+/// Snapshots taken per compaction round (twice a second): spread out, they do not compete
+/// with the log's fsyncs all at once.
+const SNAPSHOTS_PER_ROUND: usize = 8;
+
+/// Keeps each group's log short (snapshot after `snapshot_every_entries`) and the log on disk
+/// bounded: past `snapshot_every_bytes`, groups holding the oldest segment snapshot too; then
+/// segments nobody needs are deleted.
+pub(crate) async fn compact_log(node: Weak<Node>) {
+    let mut last_forced: Vec<Option<Instant>> = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.is_stopping() {
+            return;
+        }
+        if last_forced.is_empty() {
+            last_forced = vec![None; node.groups.len()];
+        }
+        let every = node.config().snapshot_every_entries;
+        let mut due: Vec<u32> = node
+            .groups
+            .iter()
+            .filter(|g| node.entries_since_snapshot(g) >= every)
+            .map(|g| g.index)
+            .take(SNAPSHOTS_PER_ROUND)
+            .collect();
+        let (oldest, pinning) = node.log.pinning_groups();
+        if node.log.disk_bytes() > node.config().snapshot_every_bytes
+            && oldest < node.log.current_segment()
+        {
+            for g in pinning {
+                let recent =
+                    last_forced[g as usize].is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+                if !recent && !due.contains(&g) {
+                    last_forced[g as usize] = Some(Instant::now());
+                    due.push(g);
+                }
+            }
+        }
+        let worker = node.clone();
+        drop(node);
+        let result = tokio::task::spawn_blocking(move || {
+            for g in due {
+                if let Err(e) = worker.compact_group(&worker.groups[g as usize]) {
+                    tracing::error!(group = g, error = %e, "snapshot failed; the log keeps growing until one succeeds");
+                }
+            }
+            worker.log.collect_garbage()
+        })
+        .await;
+        match result {
+            Ok(Ok(0)) | Err(_) => {}
+            Ok(Ok(n)) => tracing::debug!(segments = n, "deleted log segments no group needs"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not delete old log segments"),
+        }
+    }
+}
+
+/// Moves leadership of each group to its preferred member when that member is connected and
+/// caught up, so leaders (and the write load) spread evenly over the nodes.
+pub(crate) async fn balance_leaders(node: Weak<Node>) {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.is_stopping() {
+            return;
+        }
+        let Some(transport) = node.transport.clone() else {
+            return;
+        };
+        let me = node.map.me();
+        let now = node.now();
+        let mut moved = 0;
+        for g in &node.groups {
+            if moved >= 8 {
+                break;
+            }
+            let preferred = node.map.preferred_leader(g.index);
+            let Some(core) = &g.core else { continue };
+            if preferred == me || !transport.is_connected(preferred) {
+                continue;
+            }
+            let mut core = core.lock();
+            let status = core.raft.status();
+            let caught_up = status.role == Role::Leader
+                && status.peers.iter().any(|p| {
+                    p.id == preferred && p.matched == status.last_index && p.silent_ms < 500
+                });
+            if caught_up {
+                tracing::debug!(
+                    group = g.index,
+                    to = node.map.name_of(preferred),
+                    "moving leadership to the preferred node"
+                );
+                core.raft.transfer_leadership(preferred, now);
+                node.drive(g, &mut core);
+                moved += 1;
+            }
+        }
+    }
+}
