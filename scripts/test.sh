@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit, property and integration tests of every crate (the
 # integration tests start real `starcite serve` processes on loopback ports), then a short
-# smoke run of the load generator against a real server and a private Redis.
+# smoke run of the load generator against a real server and a private Redis, then a short
+# seeded fault-injection drill on a local three-node cluster (docs/reliability.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +24,11 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 "$bin/starcite-bench" smoke --url "http://127.0.0.1:$port"
+
+echo "==> fault-injection drill (3-node cluster + Postgres archive, seeded, ~35 s)"
+if [ -n "${DATABASE_URL:-}" ]; then
+  archive=(--postgres-url "$DATABASE_URL")
+else
+  archive=(--postgres-throwaway)
+fi
+"$bin/starcite-bench" drill --seed 3 --duration 25 --fault-every-ms 2500 "${archive[@]}"

@@ -99,7 +99,9 @@ pub async fn run(
         tokio::select! {
             _ = wait => {},
             _ = stopped(&mut stop) => {
-                if let Err(e) = flush_all(&node, &archive, &config).await {
+                // Last copy before stopping: rows only. The marks would go through Raft,
+                // which may have no quorum while a whole cluster stops; re-sending is harmless.
+                if let Err(e) = flush_rows(&node, &archive, &config, false).await {
                     tracing::warn!(error = %e, "final archive flush failed; the log still holds everything");
                 }
                 return;
@@ -122,6 +124,18 @@ pub async fn flush_all(
     archive: &Archive,
     config: &ArchiverConfig,
 ) -> Result<u64, ArchiveError> {
+    flush_rows(node, archive, config, true).await
+}
+
+/// Copies batches to the archive; with `acknowledge`, also replicates the archive marks (which
+/// lets replicas trim memory). Without, only the first batch (the marks do not move, so the
+/// same rows would come back).
+async fn flush_rows(
+    node: &Node,
+    archive: &Archive,
+    config: &ArchiverConfig,
+    acknowledge: bool,
+) -> Result<u64, ArchiveError> {
     let mut total = 0;
     loop {
         let backlog = node.archive_backlog(BATCH_EVENTS);
@@ -129,8 +143,8 @@ pub async fn flush_all(
             return Ok(total);
         }
         let full = backlog.event_count() >= BATCH_EVENTS;
-        total += flush_batch(node, archive, config, backlog).await?;
-        if !full {
+        total += flush_batch(node, archive, config, backlog, acknowledge).await?;
+        if !full || !acknowledge {
             return Ok(total);
         }
     }
@@ -141,6 +155,7 @@ async fn flush_batch(
     archive: &Archive,
     config: &ArchiverConfig,
     backlog: ArchiveBacklog,
+    acknowledge: bool,
 ) -> Result<u64, ArchiveError> {
     let started = Instant::now();
     if !backlog.sessions.is_empty() {
@@ -180,6 +195,9 @@ async fn flush_batch(
     }
     metrics::histogram!(FLUSH_DURATION).record(started.elapsed().as_secs_f64() * 1000.0);
     node.headers_archived(&backlog.sessions);
+    if !acknowledge {
+        return Ok(count);
+    }
     let marks: Vec<(String, u64)> = backlog
         .runs
         .iter()

@@ -2,6 +2,8 @@
 //! reports throughput and latency percentiles side by side.
 
 mod chart;
+mod drill;
+mod history;
 mod http;
 mod nats;
 mod redis;
@@ -120,11 +122,17 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:4000")]
         url: String,
     },
+    /// Fault-injection drill: starts a local cluster of real `starcite serve` processes, drives
+    /// retrying writers and reconnecting tailers while a seeded schedule kills (-9), pauses
+    /// (SIGSTOP) and wipes nodes and stops Postgres, then checks every node's history, the
+    /// tails and the archive against what was acknowledged. Exits non-zero on any violation.
+    Drill(Box<drill::DrillArgs>),
 }
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Base URL of a running Starcite node.
+    /// Base URL of a running Starcite node; several comma-separated URLs (a cluster's nodes)
+    /// spread the connections over them.
     #[arg(long, default_value = "http://127.0.0.1:4000", env = "STARCITE_URL")]
     url: String,
     /// Concurrent connections (one worker each).
@@ -303,6 +311,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Smoke { url } => smoke(&url).await,
+        Command::Drill(args) => drill::run(*args).await,
     }
 }
 

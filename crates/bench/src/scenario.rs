@@ -512,9 +512,17 @@ where
     F: Fn(Conn, String, usize) -> T,
 {
     let run = run_id();
-    create_sessions(url, &run, load.sessions).await?;
+    // Several comma-separated URLs (the nodes of a cluster): connections spread over them.
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let first = urls.first().copied().unwrap_or(url);
+    create_sessions(first, &run, load.sessions).await?;
     let mut targets = Vec::new();
     for worker in 0..load.connections {
+        let url = urls.get(worker % urls.len().max(1)).copied().unwrap_or(url);
         targets.push(make(Conn::connect(url).await?, run.clone(), worker));
     }
     let results = run_load(load, targets).await?;

@@ -1,21 +1,21 @@
 //! The node's background work: time for the Raft engines, log compaction, leader balance.
 
 use crate::node::Node;
-use starcite_raft::Role;
+use starcite_raft::{NodeId, Role};
+use std::collections::HashMap;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
+
+/// How often every group's engine is ticked; the Raft timeouts are multiples of it.
+const TICK: Duration = Duration::from_millis(10);
 
 /// Drives every group's clock (elections, heartbeats, retransmissions) and records commit
 /// marks in the log now and then, so a restart re-applies without waiting for a leader.
 pub(crate) async fn tick(node: Weak<Node>) {
-    let mut interval = tokio::time::interval(Duration::from_millis(
-        std::env::var("TICK_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10),
-    ));
+    let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut round = 0u64;
+    let mut epochs: HashMap<NodeId, u64> = HashMap::new();
     loop {
         interval.tick().await;
         let Some(node) = node.upgrade() else { return };
@@ -26,11 +26,25 @@ pub(crate) async fn tick(node: Weak<Node>) {
         round += 1;
         let mark_commits = round.is_multiple_of(10);
         let mut marks = Vec::new();
+        let reconnected = reconnected_peers(&node, &mut epochs);
+        // Every 10 s: what the groups without a leader look like, for whoever investigates.
+        let report_leaderless = round.is_multiple_of(1000);
+        let mut leaderless = Vec::new();
+        let mut rejoining = Vec::new();
         for g in &node.groups {
             let Some(core) = &g.core else { continue };
             let mut core = core.lock();
+            for &peer in &reconnected {
+                core.raft.peer_reconnected(peer, now);
+            }
             core.raft.tick(now);
             node.drive(g, &mut core);
+            if report_leaderless && core.raft.leader().is_none() {
+                leaderless.push(describe(g.index, &core.raft));
+            }
+            if report_leaderless && core.raft.is_rejoining() {
+                rejoining.push(describe(g.index, &core.raft));
+            }
             let commit = core.raft.commit();
             if mark_commits && commit > core.commit_marked {
                 core.commit_marked = commit;
@@ -38,7 +52,58 @@ pub(crate) async fn tick(node: Weak<Node>) {
             }
         }
         node.log.write_commits(&marks);
+        if !leaderless.is_empty() {
+            tracing::warn!(
+                groups = leaderless.len(),
+                first = %leaderless.iter().take(4).cloned().collect::<Vec<_>>().join("; "),
+                "groups without a leader"
+            );
+        }
+        if !rejoining.is_empty() {
+            tracing::info!(
+                groups = rejoining.len(),
+                first = %rejoining.iter().take(4).cloned().collect::<Vec<_>>().join("; "),
+                "groups catching up after this node lost its data (they may not vote until then)"
+            );
+        }
     }
+}
+
+fn describe(group: u32, raft: &starcite_raft::Raft<starcite_core::Command>) -> String {
+    let log = raft.log();
+    format!(
+        "group {group}: {:?} of {:?} term {} log ({}, {}) commit {}{}",
+        raft.role(),
+        raft.leader(),
+        raft.term(),
+        log.last_index(),
+        log.last_term(),
+        raft.commit(),
+        match (raft.is_rejoining(), raft.rejoin_target()) {
+            (false, _) => String::new(),
+            (true, None) => " rejoining, no target yet".to_string(),
+            (true, Some(t)) => format!(" rejoining until index {t}"),
+        }
+    )
+}
+
+/// Peers connected anew since the last call (a restarted node, a dropped connection).
+fn reconnected_peers(node: &Node, epochs: &mut HashMap<NodeId, u64>) -> Vec<NodeId> {
+    let Some(transport) = &node.transport else {
+        return Vec::new();
+    };
+    let me = node.map.me();
+    node.map
+        .nodes()
+        .iter()
+        .map(|n| n.id)
+        .filter(|&peer| peer != me)
+        .filter(|&peer| {
+            let epoch = transport.connection_epoch(peer);
+            let known = epochs.insert(peer, epoch).unwrap_or(0);
+            epoch != known && known != 0
+        })
+        .collect()
 }
 
 /// Snapshots taken per compaction round (twice a second): spread out, they do not compete

@@ -250,10 +250,11 @@ impl Node {
         }
     }
 
-    pub(crate) fn send_raft(&self, to: NodeId, group: u32, message: &RaftMessage) {
-        if let Some(t) = &self.transport {
-            t.send_raft(to, group, message);
-        }
+    /// Queues a Raft message for `to`; false if there is no connection to it.
+    pub(crate) fn send_raft(&self, to: NodeId, group: u32, message: &RaftMessage) -> bool {
+        self.transport
+            .as_ref()
+            .is_some_and(|t| t.send_raft(to, group, message))
     }
 
     /// A peer's Raft message (on the connection's reader: must not block).
@@ -341,6 +342,11 @@ impl Node {
             let Some(node) = node.upgrade() else { return };
             let g = &node.groups[group as usize];
             let Some(core) = &g.core else { return };
+            let connected = node.transport.as_ref().is_some_and(|t| t.is_connected(to));
+            if !connected {
+                core.lock().raft.snapshot_unavailable(to);
+                return;
+            }
             // The follower needs what the log no longer holds in memory; a snapshot older than
             // that would not do: take a fresh one first.
             let needed = core.lock().raft.log().snap_index();
@@ -366,7 +372,12 @@ impl Node {
                         sent_at: node.now(),
                     };
                     drop(core);
-                    node.send_raft(to, group, &message);
+                    if !node.send_raft(to, group, &message) {
+                        let mut core = g.core.as_ref().map(|c| c.lock());
+                        if let Some(core) = core.as_mut() {
+                            core.raft.snapshot_unavailable(to);
+                        }
+                    }
                 }
                 None => {
                     core.raft.snapshot_unavailable(to);

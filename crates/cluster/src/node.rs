@@ -107,6 +107,8 @@ pub struct NodeStats {
     /// Groups this node replicates, and of those, how many it leads.
     pub groups_replicated: u64,
     pub groups_led: u64,
+    /// Groups whose replica here lost its data and has not caught up yet (it may not vote).
+    pub groups_rejoining: u64,
     /// Sum of the Raft terms of this node's groups: every election starts a new term.
     pub terms_total: u64,
     /// Requests this node handed to another node, and requests it executed for another node.
@@ -304,6 +306,12 @@ impl Node {
         });
         let _ = node_slot.set(Arc::downgrade(&node));
         node.start_groups();
+        if let Some(transport) = &node.transport {
+            // Raft messages that arrived while the node was opening were dropped (a snapshot
+            // among them would leave its leader waiting out the snapshot timeout): new
+            // connections make the leaders resend.
+            transport.reconnect_all();
+        }
         let recovery_millis = started.elapsed().as_millis() as u64;
         node.recovery_millis
             .store(recovery_millis, Ordering::Relaxed);
@@ -415,12 +423,15 @@ impl Node {
     ) -> Result<AppendOutcome, NodeError> {
         let _permit = self.write_slot().await?;
         let group = self.group(session_id);
-        // A retry of an append the state already holds is answered here, without replicating.
-        if let Some(answer) = group
-            .shared
-            .read(|d| d.state.settled_append(session_id, &request))
-        {
-            return append_outcome(session_id, answer);
+        // On the leader, a retry of an append the state already holds is answered here,
+        // without replicating. (A follower's state may lag what was acknowledged.)
+        if *group.leader.borrow() == Some(self.map.me()) {
+            if let Some(answer) = group
+                .shared
+                .read(|d| d.state.settled_append(session_id, &request))
+            {
+                return append_outcome(session_id, answer);
+            }
         }
         let op = ClientOp::Append {
             session_id: session_id.to_owned(),
@@ -531,6 +542,8 @@ impl Node {
             if leader.has_changed().is_err() {
                 std::future::pending::<()>().await;
             }
+            // A handover answers promptly; a crashed or paused node does not.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         };
         let result = tokio::select! {
             r = call => r,
@@ -852,7 +865,11 @@ impl Node {
             stats.groups_replicated += 1;
             stats.sessions += g.shared.read(|d| d.state.session_count() as u64);
             stats.snapshots_taken += g.shared.snapshots_built();
-            let status = core.lock().raft.status();
+            let (status, rejoining) = {
+                let core = core.lock();
+                (core.raft.status(), core.raft.is_rejoining())
+            };
+            stats.groups_rejoining += u64::from(rejoining);
             stats.terms_total += status.term;
             if status.role == Role::Leader {
                 stats.groups_led += 1;

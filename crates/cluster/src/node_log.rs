@@ -142,6 +142,8 @@ pub struct NodeLog {
     wal: Wal,
     groups: Arc<Vec<Mutex<GroupLog>>>,
     failed: AtomicBool,
+    /// Some group's log holds a client command (not only leaders' no-ops).
+    has_commands: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -171,6 +173,7 @@ impl NodeLog {
             (0..groups).map(|_| RecoveredGroup::default()).collect();
         let mut bad: Option<String> = None;
         let mut stats = RecoveryStats::default();
+        let mut has_commands = false;
         let wal = Wal::open(
             WalOptions {
                 dir: dir.to_path_buf(),
@@ -216,6 +219,7 @@ impl NodeLog {
                             log.marks.hard_state = Some(hs);
                         }
                         if let Some(last) = entries.last().map(|e| e.index) {
+                            has_commands |= entries.iter().any(|e| e.payload.is_some());
                             stats.entries += entries.len() as u64;
                             log.note_written(segment, last);
                             push_entries(&mut g.entries, g.marks.snapshot.0, entries);
@@ -292,6 +296,7 @@ impl NodeLog {
                 wal,
                 groups: table,
                 failed: AtomicBool::new(false),
+                has_commands: AtomicBool::new(has_commands),
             }),
             recovered,
             stats,
@@ -332,6 +337,10 @@ impl NodeLog {
             entries,
         }
         .encode();
+        if !self.has_commands.load(Ordering::Relaxed) && entries.iter().any(|e| e.payload.is_some())
+        {
+            self.has_commands.store(true, Ordering::Relaxed);
+        }
         {
             let mut g = self.groups[group as usize].lock();
             if let Some(hs) = hard_state {
@@ -455,14 +464,12 @@ impl NodeLog {
             .unwrap_or(0)
     }
 
-    /// Whether any group has ever persisted anything (a node with data).
+    /// Whether this node holds client data: a command in some group's log, or a snapshot.
+    /// (Leaders' no-ops do not count: a cluster that elected leaders but took no writes has
+    /// nothing a new node could fail to protect.)
     pub fn has_data(&self) -> bool {
-        self.groups.iter().any(|g| {
-            let g = g.lock();
-            g.marks.snapshot.0 > 0
-                || !g.segments.is_empty()
-                || g.marks.hard_state.is_some_and(|hs| hs.term > 0)
-        })
+        self.has_commands.load(Ordering::Relaxed)
+            || self.groups.iter().any(|g| g.lock().marks.snapshot.0 > 0)
     }
 }
 

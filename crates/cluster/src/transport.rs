@@ -113,6 +113,9 @@ struct Peer {
     name: String,
     addr: String,
     conn: watch::Sender<Option<Arc<Conn>>>,
+    /// Connections made to this peer so far: a change means whatever was in flight on the
+    /// previous one is lost.
+    epoch: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -153,6 +156,7 @@ impl Transport {
                         name: n.name.clone(),
                         addr: n.addr.clone(),
                         conn: watch::Sender::new(None),
+                        epoch: AtomicU64::new(0),
                     }),
                 )
             })
@@ -200,10 +204,27 @@ impl Transport {
         sent
     }
 
+    /// How many connections to `to` have been made so far.
+    pub fn connection_epoch(&self, to: NodeId) -> u64 {
+        self.peers
+            .get(&to)
+            .map_or(0, |p| p.epoch.load(Ordering::Relaxed))
+    }
+
     pub fn is_connected(&self, to: NodeId) -> bool {
         self.peers
             .get(&to)
             .is_some_and(|p| p.conn.borrow().is_some())
+    }
+
+    /// Drops every connection; they are made again at once. Peers learn from the new
+    /// connection that whatever they sent on the old one is lost, and send it again.
+    pub fn reconnect_all(&self) {
+        for peer in self.peers.values() {
+            if let Some(conn) = peer.conn.send_replace(None) {
+                conn.close();
+            }
+        }
     }
 
     /// Closes every connection and stops dialing and accepting.
@@ -372,6 +393,7 @@ async fn run_connection(transport: Arc<Transport>, peer: Arc<Peer>, stream: TcpS
         old.close();
     }
     transport.stats.connects.fetch_add(1, Ordering::Relaxed);
+    peer.epoch.fetch_add(1, Ordering::Relaxed);
     let writer = tokio::spawn(write_loop(
         write,
         urgent_rx,
@@ -730,5 +752,39 @@ mod tests {
             "{r:?}"
         );
         a.shutdown();
+    }
+
+    #[tokio::test]
+    async fn reconnect_all_makes_fresh_connections_both_sides_notice() {
+        let (ma, mb, la, lb) = two_nodes();
+        let a = Transport::start(&ma, la);
+        let b = Transport::start(&mb, lb);
+        a.set_handler(echo_handler());
+        b.set_handler(echo_handler());
+        connected(&a, mb.me()).await;
+        connected(&b, ma.me()).await;
+        let (ea, eb) = (a.connection_epoch(mb.me()), b.connection_epoch(ma.me()));
+        assert_eq!((ea, eb), (1, 1));
+        // Either side may be the one that starts over (the acceptor or the dialer).
+        b.reconnect_all();
+        for _ in 0..300 {
+            if a.connection_epoch(mb.me()) > ea && b.connection_epoch(ma.me()) > eb {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            a.connection_epoch(mb.me()) > ea,
+            "the peer saw a new connection"
+        );
+        assert!(b.connection_epoch(ma.me()) > eb);
+        connected(&a, mb.me()).await;
+        connected(&b, ma.me()).await;
+        assert!(b
+            .call(ma.me(), &read(1, 1), Duration::from_secs(5))
+            .await
+            .is_ok());
+        a.shutdown();
+        b.shutdown();
     }
 }

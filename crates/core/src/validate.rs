@@ -73,11 +73,16 @@ fn object_field(fields: &Fields, name: &str) -> Result<Option<(String, Value)>, 
             "`{name}` must be a JSON object"
         )));
     }
-    // The parse also enforces serde_json's nesting limit (128 levels), so arbitrarily deep
-    // documents are refused here instead of being stored.
-    let value: Value = serde_json::from_str(raw.get())
+    // Parsed one level down, as it will sit inside the stored event, so serde_json's nesting
+    // limit (128 levels) refuses here anything an event reader with default limits could not
+    // read back, instead of storing it.
+    #[derive(serde::Deserialize)]
+    struct Nested {
+        v: Value,
+    }
+    let nested: Nested = serde_json::from_str(&format!("{{\"v\":{}}}", raw.get()))
         .map_err(|e| ValidationError::Json(format!("`{name}`: {e}")))?;
-    Ok(Some((raw.get().to_owned(), value)))
+    Ok(Some((raw.get().to_owned(), nested.v)))
 }
 
 /// `POST /v1/sessions` body.
@@ -283,6 +288,25 @@ mod tests {
             Err(ValidationError::Field(m)) => m,
             other => panic!("expected field error for {body}, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn accepted_nesting_is_readable_inside_the_stored_event() {
+        let mut accepted = 0;
+        for depth in 120..135 {
+            let payload = format!("{{\"x\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
+            let body = format!(r#"{{"type":"t","actor":"a","payload":{payload}}}"#);
+            if AppendRequest::parse(body.as_bytes()).is_ok() {
+                accepted = depth;
+                let event = format!(r#"{{"seq":1,"payload":{payload}}}"#);
+                assert!(
+                    serde_json::from_str::<Value>(&event).is_ok(),
+                    "payload nested {depth} deep was accepted but its event cannot be read"
+                );
+            }
+        }
+        assert!(accepted >= 120, "ordinary nesting must be accepted");
+        assert!(accepted < 134, "nesting past the limit must be refused");
     }
 
     #[test]

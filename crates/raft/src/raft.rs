@@ -39,7 +39,7 @@ impl Config {
             max_append_entries: 256,
             max_append_bytes: 4 * 1024 * 1024,
             max_inflight: 4,
-            snapshot_timeout_ms: 30_000,
+            snapshot_timeout_ms: 10_000,
             seed: 0x5eed,
             rejoining: false,
         }
@@ -153,6 +153,8 @@ struct Progress {
     /// Leader clock at which the newest message this peer answered was sent.
     acked_sent_at: u64,
     snapshot_since: Option<u64>,
+    /// The commit index advanced since the last append sent to this peer.
+    commit_unsent: bool,
 }
 
 pub struct Raft<P> {
@@ -287,6 +289,12 @@ impl<P: Clone> Raft<P> {
         self.hs.rejoining
     }
 
+    /// While rejoining: the log index this node must reach before it may vote again (unknown
+    /// until a leader has reached it).
+    pub fn rejoin_target(&self) -> Option<u64> {
+        self.rejoin_target.filter(|_| self.hs.rejoining)
+    }
+
     /// A node that lost its data must not lead before it has caught up either: it could win
     /// with the votes of nodes that lack entries only it had.
     fn may_campaign(&self) -> bool {
@@ -325,6 +333,9 @@ impl<P: Clone> Raft<P> {
                     if self.may_campaign() {
                         self.start_election(true, false);
                     } else {
+                        // Silent for an election timeout: as far as we know there is no
+                        // leader (say so, rather than name one that may be gone).
+                        self.leader = None;
                         self.reset_election_timer();
                     }
                 }
@@ -515,11 +526,28 @@ impl<P: Clone> Raft<P> {
         }
     }
 
-    /// The driver sent (or failed to send) the latest snapshot to `to`.
+    /// The driver could not send `to` the snapshot it asked for (no snapshot, no connection):
+    /// ask again at the next chance rather than wait for the snapshot timeout.
     pub fn snapshot_unavailable(&mut self, to: NodeId) {
         if let Some(p) = self.progress.get_mut(&to) {
             p.snapshot_since = None;
         }
+    }
+
+    /// The connection to `to` was replaced: whatever was in flight to it (entries, a
+    /// snapshot) is lost. Start again from what it is known to hold, now, rather than after
+    /// the retransmission or snapshot timeout.
+    pub fn peer_reconnected(&mut self, to: NodeId, now: u64) {
+        self.now = self.now.max(now);
+        if self.role != Role::Leader {
+            return;
+        }
+        if let Some(p) = self.progress.get_mut(&to) {
+            p.snapshot_since = None;
+            p.next = p.matched + 1;
+            p.inflight = 0;
+        }
+        self.send_append(to, true);
     }
 
     pub fn take_ready(&mut self) -> Ready<P> {
@@ -692,6 +720,7 @@ impl<P: Clone> Raft<P> {
                         last_ack: now,
                         acked_sent_at: 0,
                         snapshot_since: None,
+                        commit_unsent: false,
                     },
                 )
             })
@@ -725,6 +754,10 @@ impl<P: Clone> Raft<P> {
             return;
         };
         if p.snapshot_since.is_some() {
+            // A snapshot is on its way; keep the follower's election timer at bay meanwhile.
+            if even_if_empty {
+                self.send_heartbeat(to);
+            }
             return;
         }
         if p.next <= self.log.snap_index() {
@@ -767,6 +800,7 @@ impl<P: Clone> Raft<P> {
                 p.inflight += 1;
             }
             p.last_send = now;
+            p.commit_unsent = false;
         }
         let last_index = self.log.last_index();
         self.send_now(
@@ -781,6 +815,28 @@ impl<P: Clone> Raft<P> {
                 sent_at: now,
             },
         );
+    }
+
+    /// An empty append checked against what `to` is known to hold.
+    fn send_heartbeat(&mut self, to: NodeId) {
+        let Some(p) = self.progress.get_mut(&to) else {
+            return;
+        };
+        let prev_index = p.matched.max(self.log.snap_index());
+        let Some(prev_term) = self.log.term_at(prev_index) else {
+            return;
+        };
+        p.last_send = self.now;
+        let message = Message::Append {
+            term: self.hs.term,
+            prev_index,
+            prev_term,
+            entries: Vec::new(),
+            commit: self.commit.min(prev_index),
+            last_index: self.log.last_index(),
+            sent_at: self.now,
+        };
+        self.send_now(to, message);
     }
 
     fn tick_leader(&mut self) {
@@ -820,7 +876,8 @@ impl<P: Clone> Raft<P> {
                 p.inflight = 0;
             }
             let idle = now >= p.last_send + self.cfg.heartbeat_ms;
-            if idle {
+            let commit_notice = p.commit_unsent && p.inflight == 0;
+            if idle || commit_notice {
                 self.send_append(peer, true);
             }
         }
@@ -850,11 +907,10 @@ impl<P: Clone> Raft<P> {
         // earlier ones commit with them.
         if candidate > self.commit && self.log.term_at(candidate) == Some(self.hs.term) {
             self.commit = candidate;
-            // Followers learn the new commit index with the next append; idle ones now.
-            for peer in self.peers().collect::<Vec<_>>() {
-                if self.progress.get(&peer).is_some_and(|p| p.inflight == 0) {
-                    self.send_append(peer, true);
-                }
+            // Followers learn the new commit index with the next append; idle ones at the
+            // next tick (one message for many commits under load, not one per commit).
+            for p in self.progress.values_mut() {
+                p.commit_unsent = true;
             }
         }
     }
@@ -1047,7 +1103,11 @@ impl<P: Clone> Raft<P> {
                 p.next = p.matched + 1;
             }
             p.inflight = p.inflight.saturating_sub(1);
-            if p.snapshot_since.is_some() && p.matched >= self.log.snap_index() {
+            // In snapshot state, any success to a message sent after the snapshot was asked
+            // for means the follower now holds at least that much: carry on from there. (If
+            // this log was compacted again meanwhile, `send_append` asks for a newer
+            // snapshot at once instead of waiting out the snapshot timeout.)
+            if p.snapshot_since.is_some_and(|since| sent_at >= since) {
                 p.snapshot_since = None;
                 p.next = p.matched + 1;
                 p.inflight = 0;
@@ -1215,6 +1275,17 @@ mod tests {
         }
     }
 
+    /// Fresh nodes `voters` with node 1 elected leader (at time 1).
+    fn elected(voters: &[NodeId]) -> BTreeMap<NodeId, Raft<u32>> {
+        let mut nodes: BTreeMap<NodeId, Raft<u32>> = voters
+            .iter()
+            .map(|&id| (id, node(id, voters, 0, vec![], 0)))
+            .collect();
+        nodes.get_mut(&1).unwrap().campaign(0);
+        settle(&mut nodes, 1);
+        nodes
+    }
+
     fn leaders(nodes: &BTreeMap<NodeId, Raft<u32>>) -> Vec<NodeId> {
         nodes
             .iter()
@@ -1312,12 +1383,7 @@ mod tests {
     #[test]
     fn a_follower_that_hears_its_leader_refuses_other_candidates() {
         let voters = [1, 2, 3];
-        let mut nodes: BTreeMap<NodeId, Raft<u32>> = voters
-            .iter()
-            .map(|&id| (id, node(id, &voters, 0, vec![], 0)))
-            .collect();
-        nodes.get_mut(&1).unwrap().campaign(0);
-        settle(&mut nodes, 1);
+        let mut nodes = elected(&voters);
         assert_eq!(leaders(&nodes), vec![1]);
         let term = nodes[&1].term();
         // Node 3 was cut off and campaigns: the others still hear node 1 and refuse, both the
@@ -1349,12 +1415,7 @@ mod tests {
     #[test]
     fn leadership_moves_on_request() {
         let voters = [1, 2, 3];
-        let mut nodes: BTreeMap<NodeId, Raft<u32>> = voters
-            .iter()
-            .map(|&id| (id, node(id, &voters, 0, vec![], 0)))
-            .collect();
-        nodes.get_mut(&1).unwrap().campaign(0);
-        settle(&mut nodes, 1);
+        let mut nodes = elected(&voters);
         nodes.get_mut(&1).unwrap().propose(7, 2).unwrap();
         settle(&mut nodes, 2);
         nodes.get_mut(&1).unwrap().transfer_leadership(3, 3);
@@ -1431,12 +1492,7 @@ mod tests {
     #[test]
     fn a_follower_behind_a_compacted_log_gets_a_snapshot() {
         let voters = [1, 2];
-        let mut nodes: BTreeMap<NodeId, Raft<u32>> = voters
-            .iter()
-            .map(|&id| (id, node(id, &voters, 0, vec![], 0)))
-            .collect();
-        nodes.get_mut(&1).unwrap().campaign(0);
-        settle(&mut nodes, 1);
+        let mut nodes = elected(&voters);
         for i in 0..10 {
             nodes.get_mut(&1).unwrap().propose(i, 2).unwrap();
         }
@@ -1480,5 +1536,82 @@ mod tests {
         assert_eq!(r.install.as_ref().map(|i| i.index), Some(11));
         assert_eq!(fresh.commit(), 11);
         assert_eq!(fresh.applied(), 11);
+    }
+
+    /// A leader whose follower needs a snapshot: node 1 leads 1, 2 and 3, has compacted its
+    /// log up to index 11, and node 2 has lost its data: the leader has just asked the driver
+    /// to send node 2 a snapshot (at time 4).
+    fn leader_sending_a_snapshot() -> Raft<u32> {
+        let voters = [1, 2, 3];
+        let mut nodes = elected(&voters);
+        let mut l = nodes.remove(&1).unwrap();
+        for i in 0..10 {
+            l.propose(i, 2).unwrap();
+        }
+        let _ = l.take_ready();
+        let term = l.term();
+        l.persisted(11, term);
+        for f in [2, 3] {
+            l.step(f, ack(term, 11, 2), 3);
+        }
+        let _ = l.take_committed(usize::MAX);
+        l.compact(l.applied());
+        assert_eq!(l.log().snap_index(), 11);
+        let _ = l.take_ready();
+        l.step(
+            2,
+            Message::AppendResponse {
+                term,
+                success: false,
+                match_index: 0,
+                hint: 0,
+                sent_at: 3,
+            },
+            4,
+        );
+        assert_eq!(l.take_ready().send_snapshot, vec![2]);
+        l
+    }
+
+    fn ack(term: u64, match_index: u64, sent_at: u64) -> Message<u32> {
+        Message::AppendResponse {
+            term,
+            success: true,
+            match_index,
+            hint: 0,
+            sent_at,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_overtaken_by_compaction_is_followed_by_a_newer_one_at_once() {
+        let mut l = leader_sending_a_snapshot();
+        let term = l.term();
+        // While the snapshot (of index 11) travels, the log grows and is compacted again.
+        l.propose(99, 5).unwrap();
+        let _ = l.take_ready();
+        l.persisted(12, term);
+        l.step(3, ack(term, 12, 5), 6);
+        let _ = l.take_committed(usize::MAX);
+        l.compact(l.applied());
+        assert_eq!(l.log().snap_index(), 12);
+        let _ = l.take_ready();
+        // Node 2 installs the snapshot it was sent and says so.
+        l.step(2, ack(term, 11, 5), 7);
+        assert_eq!(
+            l.take_ready().send_snapshot,
+            vec![2],
+            "a newer snapshot now, not after the snapshot timeout"
+        );
+    }
+
+    #[test]
+    fn a_reconnected_follower_gets_its_snapshot_again_without_waiting() {
+        let mut l = leader_sending_a_snapshot();
+        l.tick(50);
+        assert!(l.take_ready().send_snapshot.is_empty(), "still waiting");
+        // The connection drops (the follower restarts) with the snapshot in flight.
+        l.peer_reconnected(2, 60);
+        assert_eq!(l.take_ready().send_snapshot, vec![2]);
     }
 }

@@ -106,7 +106,8 @@ fn config(id: u64, ids: &[u64], seed: u64) -> Config {
     c.heartbeat_ms = 20;
     c.max_append_entries = 8;
     c.max_inflight = 3;
-    c.snapshot_timeout_ms = 300;
+    // The same ratio to the election timeout as the real default (10 s to 500 ms).
+    c.snapshot_timeout_ms = 20 * ELECTION;
     c.seed = seed;
     c
 }
@@ -568,6 +569,11 @@ fn run(seed: u64, n: u64, chaos_ms: u64) {
         sim.leaders.len(),
         sim.global.len()
     );
+    if std::env::var("SIM_TRACE").is_ok() {
+        for (id, node) in &sim.nodes {
+            eprintln!("node {id}: {:?}", node.raft.as_ref().map(|r| r.status()));
+        }
+    }
     for (&id, node) in &sim.nodes {
         let mut seen = BTreeSet::new();
         for op in &node.applied {

@@ -124,7 +124,8 @@ async fn track_requests(mut req: Request, next: Next) -> Response {
     let elapsed = started.elapsed();
     // One event per request carrying its id (no span: the fmt layer would format a span's
     // fields for every request even when nothing inside it logs).
-    if status.is_server_error() {
+    // A 503 from the readiness probe is its answer, not a failure worth a warning.
+    if status.is_server_error() && !route.starts_with("/health/") {
         tracing::warn!(request_id = %request_id, %method, %route, status = status.as_u16(), ms = elapsed.as_millis() as u64, "request failed");
     } else {
         tracing::debug!(request_id = %request_id, %method, %route, status = status.as_u16(), ms = elapsed.as_millis() as u64, "request");
@@ -337,7 +338,17 @@ pub(crate) async fn ready(State(state): State<SharedState>) -> Response {
         Some(node) if node.is_ready() && !*state.shutdown.borrow() => {
             Json(serde_json::json!({"status": "ok"})).into_response()
         }
-        Some(_) => ApiError::unavailable("the node cannot take writes").into_response(),
+        Some(node) => {
+            let leaderless = node.groups_without_leader();
+            let reason = if *state.shutdown.borrow() {
+                "the node is shutting down".to_string()
+            } else if leaderless > 0 {
+                format!("{leaderless} of this node's groups have no leader yet")
+            } else {
+                "the node's log failed; it takes no writes until restarted".to_string()
+            };
+            ApiError::unavailable(reason).into_response()
+        }
         None => ApiError::unavailable("the node is still starting up").into_response(),
     }
 }

@@ -140,6 +140,12 @@ pub struct ServeConfig {
     #[arg(long, env = "STARCITE_CORS_ORIGINS")]
     pub cors_origins: Option<String>,
 
+    /// Threads serving requests and peers. Default: one per CPU core. Several nodes sharing one
+    /// machine (a local test cluster) do better with fewer each.
+    #[arg(long, env = "STARCITE_WORKER_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
+
     /// Log format: `text` (human-readable) or `json`.
     #[arg(long, env = "STARCITE_LOG_FORMAT", default_value = "text",
           value_parser = ["text", "json"])]

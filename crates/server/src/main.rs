@@ -87,10 +87,11 @@ fn serve(mut config: ServeConfig) -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging(&config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        runtime.worker_threads(usize::from(n));
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("starcite: cannot start the async runtime: {e}");
@@ -188,6 +189,7 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     let (archiver_stop, archiver_stopped) = tokio::sync::watch::channel(false);
     let archiver = tokio::spawn(archive_loop(
         config.clone(),
+        cluster.len() > 1,
         node.clone(),
         state.archive.clone(),
         archiver_stopped,
@@ -220,12 +222,25 @@ async fn run(config: ServeConfig) -> Result<(), String> {
 
 /// Connects the archive (retrying with backoff: the node serves appends and tails meanwhile),
 /// then runs the write-behind archiver until shutdown.
+///
+/// A multi-node cluster archives only to a shared Postgres. Each node's embedded SQLite file
+/// would hold only what that node archived while it led a group, yet trimming applies on every
+/// replica, so a follower's reads would find holes; without Postgres a cluster keeps every
+/// event hot (in memory and in its snapshots) instead.
 async fn archive_loop(
     config: ServeConfig,
+    multi_node: bool,
     node: Arc<Node>,
     slot: Arc<OnceLock<Arc<starcite_archive::Archive>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    if multi_node && config.database_url.is_none() {
+        tracing::warn!(
+            "no DATABASE_URL: this cluster has no cold archive and keeps every event in memory; \
+             set DATABASE_URL to a Postgres shared by all nodes to archive and trim"
+        );
+        return;
+    }
     let mut backoff = Duration::from_millis(200);
     let archive = loop {
         let opened = match &config.database_url {

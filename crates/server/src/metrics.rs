@@ -86,6 +86,7 @@ pub fn record_node_stats(stats: &NodeStats) {
     metrics::gauge!("starcite_log_disk_bytes").set(stats.log_disk_bytes as f64);
     metrics::gauge!("starcite_raft_groups_replicated").set(stats.groups_replicated as f64);
     metrics::gauge!("starcite_raft_groups_led").set(stats.groups_led as f64);
+    metrics::gauge!("starcite_raft_groups_rejoining").set(stats.groups_rejoining as f64);
     metrics::counter!("starcite_raft_elections_total").absolute(stats.terms_total);
     metrics::gauge!("starcite_raft_replication_lag_max").set(stats.replication_lag_max as f64);
     metrics::gauge!("starcite_raft_replication_lag_entries")

@@ -27,9 +27,16 @@ pub fn binary() -> &'static str {
 
 impl Server {
     pub async fn start(env: &[(&str, &str)]) -> Server {
+        let mut server = Server::unstarted(env);
+        server.spawn().await;
+        server
+    }
+
+    /// A server with its own directory and port that is not running yet.
+    pub fn unstarted(env: &[(&str, &str)]) -> Server {
         let temp = tempfile::tempdir().expect("temp dir");
         let dir = temp.path().to_path_buf();
-        let mut server = Server {
+        Server {
             port: free_port(),
             dir,
             child: None,
@@ -38,9 +45,38 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        server.spawn().await;
-        server
+        }
+    }
+
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Starts the process without waiting for readiness (a cluster node is ready only once
+    /// its peers are up).
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .env("PORT", self.port.to_string())
+            .env("STARCITE_BIND", "127.0.0.1")
+            .env("STARCITE_RAFT_DATA_DIR", self.dir.join("data"))
+            .env("STARCITE_RAFT_GROUPS", "16")
+            .stdout(Stdio::from(log.try_clone().expect("log file")))
+            .stderr(Stdio::from(log));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("starcite serve starts"));
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn url(&self) -> String {
@@ -60,23 +96,7 @@ impl Server {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("log file");
-        let mut cmd = Command::new(binary());
-        cmd.arg("serve")
-            .env("PORT", self.port.to_string())
-            .env("STARCITE_BIND", "127.0.0.1")
-            .env("STARCITE_RAFT_DATA_DIR", self.dir.join("data"))
-            .env("STARCITE_RAFT_GROUPS", "16")
-            .stdout(Stdio::from(log.try_clone().expect("log file")))
-            .stderr(Stdio::from(log));
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().expect("starcite serve starts"));
+        self.launch();
         self.wait_ready().await;
     }
 
@@ -264,4 +284,101 @@ pub async fn ws_events(
         }
     }
     out
+}
+
+/// Several `starcite serve` processes forming one cluster on loopback.
+pub struct Cluster {
+    pub nodes: Vec<Server>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (names n1…) and waits until every one is ready.
+    pub async fn start(n: usize, env: &[(&str, &str)]) -> Cluster {
+        let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let cluster_nodes = peer_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("n{}@127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let mut server = Server::unstarted(env);
+            server.set_env("NODE_NAME", &format!("n{}", i + 1));
+            server.set_env("CLUSTER_NODES", &cluster_nodes);
+            nodes.push(server);
+        }
+        for node in &mut nodes {
+            node.launch();
+        }
+        for node in &nodes {
+            node.wait_ready().await;
+        }
+        Cluster { nodes }
+    }
+
+    pub fn node(&self, i: usize) -> &Server {
+        &self.nodes[i]
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    /// Starts node `i` again on its data directory and waits until it is ready.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].kill9();
+        self.nodes[i].launch();
+        self.nodes[i].wait_ready().await;
+    }
+
+    /// Every node killed with SIGKILL, then all started again.
+    pub async fn restart_all(&mut self) {
+        for node in &mut self.nodes {
+            node.kill9();
+        }
+        for node in &mut self.nodes {
+            node.launch();
+        }
+        for node in &self.nodes {
+            node.wait_ready().await;
+        }
+    }
+}
+
+/// POSTs JSON to the first node that answers; on 503 or a network error tries the next one
+/// (the same request: appends carry an idempotency key). Gives up after `within`.
+pub async fn post_any(
+    client: &reqwest::Client,
+    urls: &[String],
+    path: &str,
+    body: &serde_json::Value,
+    within: Duration,
+) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + within;
+    let mut i = 0usize;
+    loop {
+        let url = &urls[i % urls.len()];
+        i += 1;
+        match client
+            .post(format!("{url}{path}"))
+            .json(body)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+        {
+            Ok(r) if r.status() != 503 => {
+                let status = r.status().as_u16();
+                let json = r.json().await.unwrap_or(serde_json::Value::Null);
+                return (status, json);
+            }
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{path}: no node answered in {within:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
 }
