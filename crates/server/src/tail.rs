@@ -107,6 +107,11 @@ pub async fn tail(
         Ok(upgrade) => {
             let cursor = cursor.unwrap_or(0);
             let state = state.clone();
+            // Inbound frames are read and ignored: a small limit bounds what one client can
+            // make the server buffer (a bigger frame ends the connection).
+            let upgrade = upgrade
+                .max_message_size(INBOUND_FRAME_LIMIT)
+                .max_frame_size(INBOUND_FRAME_LIMIT);
             Ok(upgrade.on_upgrade(move |socket| async move {
                 let _tracked = state.tails.enter();
                 metrics::gauge!(m::TAILS_ACTIVE).increment(1.0);
@@ -159,6 +164,9 @@ async fn read_retrying(
         }
     }
 }
+
+/// Largest WebSocket message or frame a tail client may send (it is ignored anyway).
+const INBOUND_FRAME_LIMIT: usize = 64 * 1024;
 
 enum WsEnd {
     ClientGone,

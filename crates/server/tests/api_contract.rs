@@ -238,6 +238,17 @@ async fn append_rules_and_error_codes() {
             "invalid_json",
         );
     }
+    // Invalid UTF-8: raw, and inside a string value.
+    for bytes in [
+        vec![0xff, 0xfe, 0xfd],
+        b"{\"type\":\"t\",\"actor\":\"a\",\"payload\":{\"x\":\"\xc3\x28\"}}".to_vec(),
+    ] {
+        assert_error(
+            api.post_raw("/v1/sessions/s/append", bytes).await,
+            400,
+            "invalid_json",
+        );
+    }
     let deep = format!(
         "{{\"type\":\"t\",\"actor\":\"a\",\"payload\":{{\"x\":{}{}}}}}",
         "[".repeat(100_000),

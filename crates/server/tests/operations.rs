@@ -191,6 +191,60 @@ async fn a_consumer_that_cannot_keep_up_is_closed_with_1013_and_its_cursor() {
     assert_eq!(seq_of(&next_message(&mut ws).await), received + 1);
 }
 
+/// A client that floods its tail with frames (they are ignored) still gets every event, in
+/// order; a frame over the inbound limit (64 KiB) ends that connection, not the server.
+#[tokio::test]
+async fn websocket_frame_floods_are_ignored_and_oversized_frames_end_the_tail() {
+    use futures_util::SinkExt;
+    let server = Server::start(&[]).await;
+    let client = reqwest::Client::new();
+    create(&client, &server, "flood").await;
+    for i in 0..3 {
+        append(&client, &server, "flood", serde_json::json!({"i": i})).await;
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(server.ws_url("/v1/sessions/flood/tail"))
+        .await
+        .expect("ws");
+    let (mut sink, mut stream) = ws.split();
+    let flood = tokio::spawn(async move {
+        for i in 0..20_000u32 {
+            let frame = if i % 2 == 0 {
+                Message::Text(format!("noise {i}").into())
+            } else {
+                Message::Binary(vec![7u8; 1024].into())
+            };
+            sink.send(frame).await.expect("flood frame");
+        }
+        sink
+    });
+    for i in 3..6 {
+        append(&client, &server, "flood", serde_json::json!({"i": i})).await;
+    }
+    for expected in 1..=6 {
+        assert_eq!(seq_of(&next_message(&mut stream).await), expected);
+    }
+    let mut sink = flood.await.expect("flood task");
+    // Over the limit: the server drops this connection.
+    let _ = sink
+        .send(Message::Binary(vec![0u8; 1024 * 1024].into()))
+        .await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "an oversized frame must end the connection");
+    let health = reqwest::get(format!("{}/health/ready", server.url()))
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200, "the server stays healthy");
+    append(&client, &server, "flood", serde_json::json!({"i": 6})).await;
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_are_refused_with_503() {
     let server = Server::start(&[("STARCITE_MAX_CONNECTIONS", "4")]).await;
