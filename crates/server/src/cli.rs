@@ -280,35 +280,106 @@ async fn tail_loop(opts: &ClientOpts, args: &TailArgs) -> Result<(), Failure> {
         }
         backoff = Duration::from_millis(100);
         let mut stream = response.bytes_stream();
-        let mut pending = String::new();
-        let mut data = String::new();
+        let mut sse = SseEvents::default();
+        let mut events = Vec::new();
         while let Some(chunk) = stream.next().await {
             let Ok(chunk) = chunk else { break };
-            pending.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = pending.find('\n') {
-                let line: String = pending.drain(..=end).collect();
-                let line = line.trim_end_matches(['\n', '\r']);
-                if line.is_empty() {
-                    if !data.is_empty() {
-                        if let Ok(event) = serde_json::from_str::<Value>(&data) {
-                            if let Some(seq) = event["seq"].as_u64() {
-                                if seq > cursor {
-                                    println!("{data}");
-                                    cursor = seq;
-                                }
-                            }
-                        }
-                        data.clear();
-                    }
-                } else if let Some(rest) = line.strip_prefix("data:") {
-                    if !data.is_empty() {
-                        data.push('\n');
-                    }
-                    data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+            sse.push(&chunk, &mut events);
+            for data in events.drain(..) {
+                let seq = serde_json::from_slice::<Value>(&data)
+                    .ok()
+                    .and_then(|event| event["seq"].as_u64())
+                    .ok_or_else(|| Failure {
+                        code: EXIT_REFUSED,
+                        message: format!(
+                            "the server sent something that is not an event after seq {cursor}: {}",
+                            String::from_utf8_lossy(&data)
+                        ),
+                    })?;
+                if seq > cursor {
+                    // Valid JSON, hence valid UTF-8.
+                    println!("{}", String::from_utf8_lossy(&data));
+                    cursor = seq;
                 }
             }
         }
         eprintln!("starcite: connection closed; resuming from seq {cursor}");
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Splits a server-sent-events byte stream into the `data` of each event. It works on bytes,
+/// so a multi-byte character split across two network chunks is never mangled.
+#[derive(Default)]
+struct SseEvents {
+    pending: Vec<u8>,
+    data: Vec<u8>,
+}
+
+impl SseEvents {
+    /// Takes the next chunk; appends the data of every event it completes to `out`.
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<Vec<u8>>) {
+        self.pending.extend_from_slice(chunk);
+        let mut start = 0;
+        while let Some(len) = self.pending[start..].iter().position(|&b| b == b'\n') {
+            let mut line = &self.pending[start..start + len];
+            start += len + 1;
+            if let Some(stripped) = line.strip_suffix(b"\r") {
+                line = stripped;
+            }
+            if line.is_empty() {
+                if !self.data.is_empty() {
+                    out.push(std::mem::take(&mut self.data));
+                }
+            } else if let Some(rest) = line.strip_prefix(b"data:") {
+                if !self.data.is_empty() {
+                    self.data.push(b'\n');
+                }
+                self.data
+                    .extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+            }
+        }
+        self.pending.drain(..start);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SseEvents;
+
+    fn feed(chunks: &[&[u8]]) -> Vec<String> {
+        let mut sse = SseEvents::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            sse.push(chunk, &mut out);
+        }
+        out.into_iter()
+            .map(|d| String::from_utf8(d).expect("utf-8"))
+            .collect()
+    }
+
+    #[test]
+    fn a_character_split_across_chunks_survives() {
+        let stream = "id: 1\ndata: {\"seq\":1,\"text\":\"caf\u{e9} \u{1f600}\"}\n\n".as_bytes();
+        // Cut inside the two-byte é and inside the four-byte emoji.
+        let e = stream.iter().position(|&b| b == 0xc3).expect("é");
+        let smile = stream.iter().position(|&b| b == 0xf0).expect("emoji");
+        let events = feed(&[
+            &stream[..e + 1],
+            &stream[e + 1..smile + 2],
+            &stream[smile + 2..],
+        ]);
+        assert_eq!(events, vec!["{\"seq\":1,\"text\":\"caf\u{e9} \u{1f600}\"}"]);
+    }
+
+    #[test]
+    fn events_comments_multi_line_data_and_crlf() {
+        let events = feed(&[
+            b": keep-alive\n\nid: 1\r\ndata: {\"seq\":1}\r\n\r\n",
+            b"data: a\ndata: b\n",
+            b"\n",
+            b"data: {\"seq\":3}\n",
+        ]);
+        assert_eq!(events, vec!["{\"seq\":1}", "a\nb"]);
     }
 }
