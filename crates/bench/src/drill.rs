@@ -904,12 +904,9 @@ async fn tailer(shared: Arc<Shared>, t: usize, session: String, mut rng: Rng) ->
             "{}/v1/sessions/{session}/tail?cursor={last}",
             shared.cluster.urls[node].replacen("http://", "ws://", 1)
         );
-        let connected = tokio::time::timeout(
-            Duration::from_secs(3),
-            tokio_tungstenite::connect_async(url),
-        )
-        .await;
-        let Ok(Ok((mut ws, _))) = connected else {
+        let connected =
+            tokio::time::timeout(Duration::from_secs(3), crate::http::ws_connect(&url)).await;
+        let Ok(Ok(mut ws)) = connected else {
             tokio::time::sleep(rng.millis(50, 150)).await;
             continue;
         };

@@ -70,6 +70,25 @@ impl Conn {
     }
 }
 
+/// A WebSocket client connection with a small read buffer. tungstenite's default (128 KiB) is
+/// zero-filled on every read: with a thousand tailers that memset was 15% of the machine's CPU,
+/// inflating the very latencies the harness measures.
+pub async fn ws_connect(
+    url: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER);
+    tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Events are a few hundred bytes; a bigger frame is read in several steps.
+const WS_READ_BUFFER: usize = 8 * 1024;
+
 #[cfg(test)]
 mod tests {
     use super::authority;

@@ -641,7 +641,7 @@ pub async fn replay(url: &str, events: u64, payload_bytes: usize) -> Result<Repl
         crate::http::authority(url)?
     );
     let started = Instant::now();
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
+    let mut ws = crate::http::ws_connect(&ws_url)
         .await
         .map_err(|e| format!("WebSocket connect: {e}"))?;
     let mut received = 0u64;
@@ -701,7 +701,7 @@ pub async fn tail_latency(
             "ws://{authority}/v1/sessions/{}/tail?cursor=0",
             session_id(&run, session)
         );
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url)
+        let ws = crate::http::ws_connect(&ws_url)
             .await
             .map_err(|e| format!("tailer {t} cannot connect: {e}"))?;
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();

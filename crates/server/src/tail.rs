@@ -109,9 +109,12 @@ pub async fn tail(
             let state = state.clone();
             // Inbound frames are read and ignored: a small limit bounds what one client can
             // make the server buffer (a bigger frame ends the connection).
+            // A small read buffer too: tungstenite zero-fills the whole buffer on every read,
+            // and keeps it for the life of the connection (128 KiB by default).
             let upgrade = upgrade
                 .max_message_size(INBOUND_FRAME_LIMIT)
-                .max_frame_size(INBOUND_FRAME_LIMIT);
+                .max_frame_size(INBOUND_FRAME_LIMIT)
+                .read_buffer_size(INBOUND_READ_BUFFER);
             Ok(upgrade.on_upgrade(move |socket| async move {
                 let _tracked = state.tails.enter();
                 metrics::gauge!(m::TAILS_ACTIVE).increment(1.0);
@@ -167,6 +170,8 @@ async fn read_retrying(
 
 /// Largest WebSocket message or frame a tail client may send (it is ignored anyway).
 const INBOUND_FRAME_LIMIT: usize = 64 * 1024;
+/// What a tail client sends is small (pongs, the odd ignored frame).
+const INBOUND_READ_BUFFER: usize = 4 * 1024;
 
 enum WsEnd {
     ClientGone,
