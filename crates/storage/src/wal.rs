@@ -422,6 +422,50 @@ mod tests {
     }
 
     #[test]
+    fn a_backlog_past_the_batch_bound_is_written_in_several_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = opts(dir.path());
+        options.segment_bytes = 256 * 1024 * 1024;
+        let wal = Wal::open(options, |_, _| {}).unwrap();
+        // Hold the writer thread inside the first append's callback while 24 MiB queue up.
+        let (release_tx, release_rx) = channel::<()>();
+        let (held_tx, held_rx) = channel::<()>();
+        wal.append(
+            b"first",
+            Box::new(move |r| {
+                r.unwrap();
+                let _ = held_tx.send(());
+                let _ = release_rx.recv();
+            }),
+        );
+        held_rx.recv().unwrap();
+        let before = wal.stats().fsyncs.load(Ordering::Relaxed);
+        let record = vec![7u8; 1024 * 1024];
+        let (tx, rx) = channel();
+        for i in 0..24u32 {
+            let tx = tx.clone();
+            wal.append(
+                &record,
+                Box::new(move |r| {
+                    let _ = tx.send((i, r.is_ok()));
+                }),
+            );
+        }
+        release_tx.send(()).unwrap();
+        let done: Vec<(u32, bool)> = (0..24).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(done, (0..24).map(|i| (i, true)).collect::<Vec<_>>());
+        let batches = wal.stats().fsyncs.load(Ordering::Relaxed) - before;
+        assert!(
+            batches >= 3,
+            "24 MiB went out in {batches} batch(es); the bound is {MAX_BATCH_BYTES} bytes"
+        );
+        wal.close();
+        let replayed = replay(dir.path()).unwrap();
+        assert_eq!(replayed.len(), 25);
+        assert!(replayed[1..].iter().all(|r| *r == record));
+    }
+
+    #[test]
     fn concurrent_appends_share_fsyncs_and_complete_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Arc::new(Wal::open(opts(dir.path()), |_, _| {}).unwrap());
