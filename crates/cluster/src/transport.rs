@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use starcite_raft::NodeId;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -79,7 +79,19 @@ enum FrameRef<'a> {
     },
 }
 
+/// Bytes queued on one connection and not yet handed to the socket. Past this, sends are
+/// refused: Raft resends what it could not send, a forwarded request fails as unavailable.
+/// The queue is fed by bounded producers (Raft pipelines, write slots), so this is only
+/// reached when the peer stops reading.
+const MAX_QUEUED_BYTES: usize = if cfg!(test) {
+    2 * 1024 * 1024
+} else {
+    256 * 1024 * 1024
+};
+
 struct Conn {
+    /// Bytes in `urgent` and `bulk`.
+    queued: Arc<AtomicUsize>,
     urgent: mpsc::UnboundedSender<Vec<u8>>,
     bulk: mpsc::UnboundedSender<Vec<u8>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Response, String>>>>,
@@ -88,9 +100,16 @@ struct Conn {
 }
 
 impl Conn {
-    /// Queues an encoded frame; false if the connection is gone.
+    /// Queues an encoded frame; false if the connection is gone or its queue is full.
     fn send(&self, frame: Vec<u8>) -> bool {
         if *self.closed.borrow() {
+            return false;
+        }
+        let len = frame.len();
+        // An empty queue takes any frame, so one big frame (a large answer) always goes.
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before + len > MAX_QUEUED_BYTES {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
             return false;
         }
         let lane = if frame.len() >= FRAGMENT {
@@ -98,7 +117,12 @@ impl Conn {
         } else {
             &self.urgent
         };
-        lane.send(frame).is_ok()
+        if lane.send(frame).is_ok() {
+            true
+        } else {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            false
+        }
     }
 
     fn close(&self) {
@@ -382,7 +406,9 @@ async fn run_connection(transport: Arc<Transport>, peer: Arc<Peer>, stream: TcpS
     let (read, write) = stream.into_split();
     let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
     let (bulk_tx, bulk_rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
     let conn = Arc::new(Conn {
+        queued: queued.clone(),
         urgent: urgent_tx,
         bulk: bulk_tx,
         pending: Mutex::new(HashMap::new()),
@@ -396,6 +422,7 @@ async fn run_connection(transport: Arc<Transport>, peer: Arc<Peer>, stream: TcpS
     peer.epoch.fetch_add(1, Ordering::Relaxed);
     let writer = tokio::spawn(write_loop(
         write,
+        queued,
         urgent_rx,
         bulk_rx,
         conn.closed.subscribe(),
@@ -480,6 +507,7 @@ fn push_fragment(buf: &mut Vec<u8>, stream: u64, last: bool, data: &[u8]) {
 
 async fn write_loop(
     mut write: OwnedWriteHalf,
+    queued: Arc<AtomicUsize>,
     mut urgent: mpsc::UnboundedReceiver<Vec<u8>>,
     mut bulk: mpsc::UnboundedReceiver<Vec<u8>>,
     mut closed: watch::Receiver<bool>,
@@ -492,11 +520,15 @@ async fn write_loop(
             tokio::select! {
                 biased;
                 m = urgent.recv() => match m {
-                    Some(frame) => push_whole(&mut buf, &frame),
+                    Some(frame) => {
+                        queued.fetch_sub(frame.len(), Ordering::Relaxed);
+                        push_whole(&mut buf, &frame);
+                    }
                     None => return,
                 },
                 m = bulk.recv() => match m {
                     Some(frame) => {
+                        queued.fetch_sub(frame.len(), Ordering::Relaxed);
                         next_stream += 1;
                         current = Some((next_stream, frame, 0));
                     }
@@ -507,12 +539,16 @@ async fn write_loop(
         }
         while buf.len() < WRITE_BATCH {
             match urgent.try_recv() {
-                Ok(frame) => push_whole(&mut buf, &frame),
+                Ok(frame) => {
+                    queued.fetch_sub(frame.len(), Ordering::Relaxed);
+                    push_whole(&mut buf, &frame);
+                }
                 Err(_) => break,
             }
         }
         if current.is_none() {
             if let Ok(frame) = bulk.try_recv() {
+                queued.fetch_sub(frame.len(), Ordering::Relaxed);
                 next_stream += 1;
                 current = Some((next_stream, frame, 0));
             }
@@ -786,5 +822,60 @@ mod tests {
             .is_ok());
         a.shutdown();
         b.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_fills_a_bounded_queue_then_drains_it() {
+        let (ma, mb, la, lb) = two_nodes();
+        // Only the dialing side runs a transport; the other side is a socket nobody reads.
+        let (map, me_listener, silent, peer) = if ma.me() < mb.me() {
+            (ma, la, lb, mb.me())
+        } else {
+            (mb, lb, la, ma.me())
+        };
+        let t = Transport::start(&map, me_listener);
+        let (socket, _) = silent.accept().await.expect("the transport dials");
+        connected(&t, peer).await;
+        let snapshot = RaftMessage::Snapshot {
+            term: 1,
+            index: 1,
+            snapshot_term: 1,
+            data: bytes::Bytes::from(vec![1u8; 1024 * 1024]),
+            sent_at: 0,
+        };
+        // Kernel buffers take some megabytes; then the queue fills to its bound and refuses.
+        let mut accepted = 0usize;
+        let mut refused = false;
+        for _ in 0..256 {
+            if t.send_raft(peer, 0, &snapshot) {
+                accepted += 1;
+            } else {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(refused, "256 MiB queued for a peer that reads nothing");
+        assert!(accepted > 1, "some went out before the queue filled");
+        // The peer reads again: the queue drains and sends are accepted again.
+        tokio::spawn(async move {
+            let mut socket = socket;
+            let mut buf = vec![0u8; 1024 * 1024];
+            while let Ok(n) = socket.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let mut accepted_again = false;
+        for _ in 0..500 {
+            if t.send_raft(peer, 0, &snapshot) {
+                accepted_again = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(accepted_again, "the queue drained once the peer read");
+        t.shutdown();
     }
 }
