@@ -730,8 +730,8 @@ mod tests {
         panic!("never connected");
     }
 
-    #[tokio::test]
-    async fn both_sides_call_over_one_connection_and_big_answers_interleave() {
+    /// Two transports with echo handlers, connected to each other.
+    async fn connected_pair() -> (Arc<Transport>, Arc<Transport>, ClusterMap, ClusterMap) {
         let (ma, mb, la, lb) = two_nodes();
         let a = Transport::start(&ma, la);
         let b = Transport::start(&mb, lb);
@@ -739,6 +739,12 @@ mod tests {
         b.set_handler(echo_handler());
         connected(&a, mb.me()).await;
         connected(&b, ma.me()).await;
+        (a, b, ma, mb)
+    }
+
+    #[tokio::test]
+    async fn both_sides_call_over_one_connection_and_big_answers_interleave() {
+        let (a, b, ma, mb) = connected_pair().await;
         // A 5 MB answer (fragmented) while small calls go the other way and this way.
         let big_request = read(1024 * 1024, 5);
         let big = a.call(mb.me(), &big_request, Duration::from_secs(10));
@@ -792,13 +798,7 @@ mod tests {
 
     #[tokio::test]
     async fn reconnect_all_makes_fresh_connections_both_sides_notice() {
-        let (ma, mb, la, lb) = two_nodes();
-        let a = Transport::start(&ma, la);
-        let b = Transport::start(&mb, lb);
-        a.set_handler(echo_handler());
-        b.set_handler(echo_handler());
-        connected(&a, mb.me()).await;
-        connected(&b, ma.me()).await;
+        let (a, b, ma, mb) = connected_pair().await;
         let (ea, eb) = (a.connection_epoch(mb.me()), b.connection_epoch(ma.me()));
         assert_eq!((ea, eb), (1, 1));
         // Either side may be the one that starts over (the acceptor or the dialer).
