@@ -100,7 +100,12 @@ async fn drive<T: Target>(
     let interval = load
         .rate
         .map(|r| Duration::from_secs_f64(load.connections as f64 / r.max(1e-9)));
-    let mut next_send = start;
+    // Open loop: the workers' schedules are offset from one another so that the total rate
+    // arrives evenly spread, not as one burst of `connections` requests every interval.
+    let mut next_send = match interval {
+        Some(step) => start + step.mul_f64(worker as f64 / load.connections.max(1) as f64),
+        None => start,
+    };
     let mut i = 0usize;
     loop {
         if interval.is_some() {
