@@ -130,37 +130,7 @@ impl Rng {
     }
 }
 
-/// A free loopback port below the kernel's ephemeral range, each one handed out once. A port
-/// from `bind(0)` lies inside that range, so while a killed node is down, any outgoing
-/// connection on the machine may take its port as a source port and the restart fails with
-/// "address in use".
-fn free_port() -> Result<u16, String> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(32768);
-    let (first, span) = (10_000u64, low.saturating_sub(10_000));
-    if span >= 1_000 {
-        // Start somewhere different in every process, then walk.
-        let _ = NEXT.compare_exchange(
-            0,
-            u64::from(std::process::id()) * 7919 % span + 1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        for _ in 0..span {
-            let port = (first + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return Ok(port);
-            }
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free loopback port: {e}"))
-}
+use starcite_localhost::free_port;
 
 fn secs(since: Instant) -> f64 {
     (since.elapsed().as_millis() as f64) / 1000.0
@@ -460,21 +430,6 @@ struct Postgres {
 }
 
 impl Postgres {
-    fn bin_dir() -> Option<PathBuf> {
-        let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.path().join("bin"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        candidates.sort();
-        candidates.reverse();
-        candidates
-            .into_iter()
-            .find(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
-    }
-
     fn command(&self, tool: &str) -> tokio::process::Command {
         if self.root {
             let mut c = tokio::process::Command::new("runuser");
@@ -486,7 +441,7 @@ impl Postgres {
     }
 
     async fn create(dir: &Path) -> Result<Postgres, String> {
-        let bin = Postgres::bin_dir().ok_or(
+        let bin = starcite_localhost::postgres_bin_dir().ok_or(
             "--postgres-throwaway needs the PostgreSQL server binaries in \
              /usr/lib/postgresql/*/bin (apt-get install postgresql)",
         )?;

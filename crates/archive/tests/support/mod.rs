@@ -21,28 +21,6 @@ struct Cluster {
     port: u16,
 }
 
-fn pg_bin_dir() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
-        .unwrap_or_default();
-    candidates.sort();
-    candidates.reverse();
-    candidates
-        .into_iter()
-        .find(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -77,7 +55,7 @@ impl Postgres {
             let url = create_database(&base).await;
             return Postgres { url, cluster: None };
         }
-        let Some(bin) = pg_bin_dir() else {
+        let Some(bin) = starcite_localhost::postgres_bin_dir() else {
             panic!(
                 "these tests need PostgreSQL: set DATABASE_URL=postgres://user@host:port/db \
                  (a role that may CREATE DATABASE), or install the PostgreSQL server binaries \
@@ -111,7 +89,7 @@ impl Postgres {
             bin,
             data,
             _dir: dir,
-            port: free_port(),
+            port: starcite_localhost::free_port().expect("a free loopback port"),
         };
         cluster.start();
         let base = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);

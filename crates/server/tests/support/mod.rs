@@ -14,35 +14,8 @@ pub struct Server {
     env: Vec<(String, String)>,
 }
 
-/// A free loopback port below the kernel's ephemeral range, each one handed out once per test
-/// process: a port from `bind(0)` may be taken as an outgoing connection's source port while
-/// a killed node is down, and its restart would fail with "address in use".
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(32768);
-    let (first, span) = (10_000u64, low.saturating_sub(10_000));
-    if span >= 1_000 {
-        let _ = NEXT.compare_exchange(
-            0,
-            u64::from(std::process::id()) * 7919 % span + 1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        for _ in 0..span {
-            let port = (first + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    starcite_localhost::free_port().expect("a free loopback port")
 }
 
 pub fn binary() -> &'static str {
