@@ -138,7 +138,7 @@ async fn flush_rows(
 ) -> Result<u64, ArchiveError> {
     let mut total = 0;
     loop {
-        let backlog = node.archive_backlog(BATCH_EVENTS);
+        let backlog = node.archive_backlog(BATCH_EVENTS).await;
         if backlog.is_empty() {
             return Ok(total);
         }

@@ -90,13 +90,7 @@ pub(crate) fn frame_fields(event: &ArchivedEvent) -> Result<FrameFields<'_>, Arc
 /// Checks the seq at the start of the frame (`{"seq":N,…`) against the one it is filed under,
 /// without parsing the whole frame.
 pub(crate) fn check_frame_seq(event: &ArchivedEvent) -> Result<(), ArchiveError> {
-    let seq = event.frame.strip_prefix(b"{\"seq\":").and_then(|rest| {
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        std::str::from_utf8(&rest[..digits])
-            .ok()?
-            .parse::<u64>()
-            .ok()
-    });
+    let seq = starcite_core::frame_seq(&event.frame);
     if seq != Some(event.seq) {
         return Err(ArchiveError::BadFrame(format!(
             "{} frame filed as seq {} does not start with that seq",

@@ -72,6 +72,10 @@ pub struct DrillArgs {
     /// `STARCITE_TAIL_KEEP` of the nodes (small, so trimming happens during the drill).
     #[arg(long, default_value_t = 50)]
     pub tail_keep: u64,
+    /// `STARCITE_HOT_MAX_BYTES` of the nodes (small, so events spill to disk during the
+    /// drill and snapshots, transfers and reads go through the spill store).
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    pub hot_max_bytes: u64,
     /// Keep the temp dir (data dirs and node logs) even when the drill passes.
     #[arg(long)]
     pub keep_dir: bool,
@@ -1435,6 +1439,8 @@ pub struct DrillReport {
     events_stored: u64,
     tail_deliveries: u64,
     tail_connections: u64,
+    /// Events the nodes moved to their spill stores (since each node's last start).
+    events_spilled: u64,
     faults_injected: usize,
     faults_by_kind: BTreeMap<String, usize>,
     fault_readiness_ms_max: Option<u64>,
@@ -1561,8 +1567,8 @@ fn print_report(r: &DrillReport) {
         r.network_errors
     );
     println!(
-        "  events stored {}  unacked at the end {}",
-        r.events_stored, r.unacked_at_end
+        "  events stored {}  unacked at the end {}  spilled to disk {} (since each node's last start)",
+        r.events_stored, r.unacked_at_end, r.events_spilled
     );
     println!(
         "  tail deliveries {}  over {} connections",
@@ -1629,6 +1635,10 @@ async fn drill(args: &DrillArgs, seed: u64, bin: &Path, dir: &Path) -> Result<Dr
             args.archive_flush_ms.to_string(),
         ),
         ("STARCITE_TAIL_KEEP".to_string(), args.tail_keep.to_string()),
+        (
+            "STARCITE_HOT_MAX_BYTES".to_string(),
+            args.hot_max_bytes.to_string(),
+        ),
     ];
     if let Some(url) = &pg_url {
         env.push(("DATABASE_URL".to_string(), url.clone()));
@@ -2046,6 +2056,14 @@ async fn drill_on(
         .first()
         .map(|h| h.sessions.values().map(|e| e.len() as u64).sum())
         .unwrap_or(0);
+    // Spilled since each node's last start (counters restart with the process).
+    let mut events_spilled = 0u64;
+    for i in 0..n {
+        events_spilled += cluster
+            .gauge(i, "starcite_spilled_events_total")
+            .await
+            .unwrap_or(0.0) as u64;
+    }
     let (archive, archive_wait_s) = match &pg_url {
         Some(url) => match read_archive(url, &last_seq).await {
             Ok((rows, waited)) => (Some(rows), Some(waited)),
@@ -2136,6 +2154,7 @@ async fn drill_on(
         events_stored,
         tail_deliveries: Counters::get(&c.tail_deliveries),
         tail_connections: Counters::get(&c.tail_connections),
+        events_spilled,
         faults_injected: faults.records.len(),
         faults_by_kind,
         fault_readiness_ms_max: faults

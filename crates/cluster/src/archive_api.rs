@@ -4,7 +4,9 @@
 use crate::node::Node;
 use crate::NodeError;
 use bytes::Bytes;
-use starcite_core::{group_of, Applied, ArchiveAckCommand, ArchiveMark, Command, SessionView};
+use starcite_core::{
+    group_of, Applied, ArchiveAckCommand, ArchiveMark, Command, SessionView, SpillRun,
+};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Default)]
@@ -56,9 +58,10 @@ impl Node {
 
     /// Collects up to `budget` committed, unarchived events of the groups this node leads
     /// (each session's run starts right after its archive mark, so acknowledging a run never
-    /// leaves a hole).
-    pub fn archive_backlog(&self, budget: usize) -> ArchiveBacklog {
+    /// leaves a hole). Spilled events are read back from local disk.
+    pub async fn archive_backlog(&self, budget: usize) -> ArchiveBacklog {
         let mut backlog = ArchiveBacklog::default();
+        let mut spilled: Vec<(u32, String, u64, Vec<SpillRun>, usize)> = Vec::new();
         let mut remaining = budget;
         for group in self.led_groups() {
             if remaining == 0 {
@@ -75,19 +78,56 @@ impl Node {
                     if d.headers_unarchived.contains(session_id) {
                         backlog.sessions.push(session.view());
                     }
-                    let events =
-                        session.events_between(session.archived_seq, session.last_seq, remaining);
+                    let from = session.archived_seq;
+                    if session.first_seq() > from + 1 && session.last_seq > from {
+                        // On local disk: this round takes the spilled part only.
+                        let upto = session.first_seq() - 1;
+                        let want = ((upto - from) as usize).min(remaining);
+                        remaining -= want;
+                        let runs = session.spilled_between(from, upto);
+                        spilled.push((group.index, session_id.clone(), from, runs, want));
+                        continue;
+                    }
+                    let events = session.events_between(from, session.last_seq, remaining);
                     if events.is_empty() {
                         continue;
                     }
                     remaining -= events.len();
                     backlog.runs.push(ArchiveRun {
                         session_id: session_id.clone(),
-                        first_seq: session.archived_seq + 1,
+                        first_seq: from + 1,
                         events,
                     });
                 }
             });
+        }
+        if spilled.is_empty() {
+            return backlog;
+        }
+        let store = self.spill.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            spilled
+                .into_iter()
+                .filter_map(|(group, session_id, after, runs, want)| {
+                    match crate::spill::read_runs(&store, group, &session_id, &runs, after, want) {
+                        Ok(events) if !events.is_empty() => Some(ArchiveRun {
+                            session_id,
+                            first_seq: after + 1,
+                            events,
+                        }),
+                        Ok(_) => None,
+                        Err(e) => {
+                            // Left for the next round (its runs may have just been archived).
+                            tracing::warn!(session_id, error = %e, "cannot read spilled events for the archive");
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        if let Ok(runs) = read {
+            backlog.runs.extend(runs);
         }
         backlog
     }
@@ -148,7 +188,7 @@ impl Node {
                 lag.pending_sessions += d.unarchived.len() as u64;
                 for session in d.state.sessions() {
                     lag.pending_events += session.last_seq - session.archived_seq;
-                    lag.hot_events += session.last_seq + 1 - session.first_seq();
+                    lag.hot_events += session.hot_len() as u64;
                 }
             });
         }

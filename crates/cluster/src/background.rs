@@ -164,6 +164,53 @@ pub(crate) async fn compact_log(node: Weak<Node>) {
     }
 }
 
+/// How often memory is checked against the budget: what arrives meanwhile is the most the
+/// budget can be overrun by.
+const SPILL_CHECK: Duration = Duration::from_millis(100);
+
+/// Keeps the events held in memory under the node's budget by spilling to local disk, and
+/// every 10 s lets go of spill segments the archive has caught up with.
+pub(crate) async fn spill(node: Weak<Node>) {
+    let mut round = 0u64;
+    loop {
+        tokio::time::sleep(SPILL_CHECK).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.is_stopping() {
+            return;
+        }
+        round += 1;
+        let over = node.hot_bytes() > node.config().hot_max_bytes;
+        let sweep = round.is_multiple_of(100);
+        if !over && !sweep {
+            continue;
+        }
+        let worker = node.clone();
+        drop(node);
+        let _ = tokio::task::spawn_blocking(move || {
+            if over {
+                match worker.spill_over_budget() {
+                    Ok(freed) => tracing::debug!(freed, "spilled events to local disk"),
+                    Err(e) => tracing::error!(error = %e, "cannot spill events to local disk; memory grows until it can"),
+                }
+            }
+            if sweep {
+                for g in &worker.groups {
+                    let result = if worker.snapshot_pins_spill(g) {
+                        worker.compact_group(g)
+                    } else {
+                        Ok(())
+                    }
+                    .and_then(|_| worker.collect_spill_garbage(g).map(|_| ()));
+                    if let Err(e) = result {
+                        tracing::warn!(group = g.index, error = %e, "cannot delete spill segments the archive has caught up with");
+                    }
+                }
+            }
+        })
+        .await;
+    }
+}
+
 /// Moves leadership of each group to its preferred member when that member is connected and
 /// caught up, so leaders (and the write load) spread evenly over the nodes.
 pub(crate) async fn balance_leaders(node: Weak<Node>) {

@@ -13,7 +13,7 @@ use crate::NodeError;
 use parking_lot::Mutex;
 use starcite_core::{Applied, Command, GroupState};
 use starcite_raft::{Message, NodeId, Raft};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -54,6 +54,8 @@ pub(crate) struct Group {
     /// Index of the snapshot file on disk; held while the file is replaced.
     pub snapshot_file: std::sync::Mutex<u64>,
     pub snapshot_path: PathBuf,
+    /// Spill segments the snapshot file refers to (they must outlive it).
+    pub snapshot_spill: Mutex<BTreeSet<u64>>,
 }
 
 impl Group {
@@ -63,6 +65,7 @@ impl Group {
         shared: Arc<GroupShared>,
         snapshot_index: u64,
         snapshot_path: PathBuf,
+        snapshot_spill: BTreeSet<u64>,
     ) -> Group {
         let commit = raft.as_ref().map_or(0, |r| r.commit());
         Group {
@@ -83,6 +86,7 @@ impl Group {
             leader_hint: AtomicU64::new(0),
             snapshot_file: std::sync::Mutex::new(snapshot_index),
             snapshot_path,
+            snapshot_spill: Mutex::new(snapshot_spill),
         }
     }
 
@@ -307,7 +311,8 @@ impl Node {
                 term: *snapshot_term,
                 data: data.clone(),
             };
-            if let Err(e) = self.store_snapshot(g, &file) {
+            // The leader's state is self-contained: it refers to no spill segment here.
+            if let Err(e) = self.store_snapshot(g, &file, BTreeSet::new()) {
                 tracing::error!(group, error = %e, "cannot store the leader's snapshot");
                 return;
             }
@@ -320,8 +325,14 @@ impl Node {
         core.pending_install = None;
     }
 
-    /// Replaces the group's snapshot file, unless it already holds a newer one. Blocking.
-    pub(crate) fn store_snapshot(&self, g: &Group, file: &SnapshotFile) -> Result<bool, NodeError> {
+    /// Replaces the group's snapshot file, unless it already holds a newer one. `spilled`:
+    /// the spill segments the file refers to (already durable). Blocking.
+    pub(crate) fn store_snapshot(
+        &self,
+        g: &Group,
+        file: &SnapshotFile,
+        spilled: BTreeSet<u64>,
+    ) -> Result<bool, NodeError> {
         let mut current = g
             .snapshot_file
             .lock()
@@ -329,7 +340,13 @@ impl Node {
         if file.index <= *current {
             return Ok(false);
         }
+        {
+            // Until the new file is in place, the old one's segments are still needed too.
+            let mut pinned = g.snapshot_spill.lock();
+            pinned.extend(spilled.iter().copied());
+        }
         file.write(&g.snapshot_path)?;
+        *g.snapshot_spill.lock() = spilled;
         *current = file.index;
         g.shared.count_snapshot();
         Ok(true)
@@ -356,11 +373,13 @@ impl Node {
                     tracing::error!(group, error = %e, "cannot take a snapshot for a follower");
                 }
             }
-            let file = g
-                .snapshot_file
-                .lock()
-                .ok()
-                .and_then(|_held| SnapshotFile::read(&g.snapshot_path).ok().flatten());
+            let file = match node.snapshot_for_transfer(g) {
+                Ok(file) => file,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "cannot prepare a snapshot for a follower");
+                    None
+                }
+            };
             let mut core = core.lock();
             match file {
                 Some(file) => {
@@ -406,12 +425,44 @@ impl Node {
         let Some((index, term, state)) = taken else {
             return Ok(());
         };
+        let spilled = state.spill_segments();
+        if !spilled.is_empty() {
+            // The snapshot refers to spilled runs: they must be durable before it is.
+            if let Some(mut segments) = self.spill.lock(g.index) {
+                segments.sync()?;
+            }
+        }
         let data = crate::state_machine::encode_state(&state);
         drop(state);
-        self.store_snapshot(g, &SnapshotFile { index, term, data })?;
+        self.store_snapshot(g, &SnapshotFile { index, term, data }, spilled)?;
         core.lock().raft.compact(index);
         self.log.write_snapshot_point(g.index, index, term, |_| {});
+        self.collect_spill_garbage(g)?;
         Ok(())
+    }
+
+    /// The group's snapshot file as a follower can install it: spilled runs read back in.
+    /// Blocking.
+    fn snapshot_for_transfer(&self, g: &Group) -> Result<Option<SnapshotFile>, NodeError> {
+        // Held so that no segment the file refers to is deleted while it is read.
+        let _segments = self.spill.lock(g.index);
+        let file = {
+            let _held = g
+                .snapshot_file
+                .lock()
+                .map_err(|_| NodeError::Startup("snapshot lock poisoned".into()))?;
+            SnapshotFile::read(&g.snapshot_path)?
+        };
+        let Some(mut file) = file else {
+            return Ok(None);
+        };
+        if g.snapshot_spill.lock().is_empty() {
+            return Ok(Some(file));
+        }
+        let mut state = file.decode(self.config().idempotency_window)?;
+        self.unspill_for_transfer(g.index, &mut state)?;
+        file.data = crate::state_machine::encode_state(&state);
+        Ok(Some(file))
     }
 
     /// Entries applied since the group's last snapshot file.

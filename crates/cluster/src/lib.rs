@@ -13,6 +13,7 @@ pub mod node_log;
 mod peer;
 pub mod placement;
 pub mod rpc;
+mod spill;
 pub mod state_machine;
 pub mod transport;
 

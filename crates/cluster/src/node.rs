@@ -17,9 +17,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use starcite_core::{
     group_of, AppendCommand, AppendRequest, Applied, Command, CreateCommand, CreateRequest,
-    GroupState, SessionId, SessionView, Timestamp,
+    GroupState, SessionId, SessionView, SpillRun, Timestamp,
 };
 use starcite_raft::{NodeId, Raft, ReadError, Restored, Role};
+use starcite_storage::SpillStore;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +62,9 @@ pub struct NodeConfig {
     pub heartbeat_interval: Duration,
     /// Followers wait between this and twice this without a heartbeat before electing.
     pub election_timeout: Duration,
+    /// Memory the events held hot may take (all groups); past it, events move to the
+    /// spill store on local disk.
+    pub hot_max_bytes: u64,
 }
 
 impl NodeConfig {
@@ -79,6 +83,7 @@ impl NodeConfig {
             cluster_state: ClusterState::Auto,
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(500),
+            hot_max_bytes: 256 * 1024 * 1024,
         }
     }
 
@@ -119,12 +124,17 @@ pub struct NodeStats {
     pub replication_lag_total: u64,
     pub peer_bytes_sent: u64,
     pub peer_bytes_received: u64,
+    /// Memory taken by events held hot; bytes of spilled events on disk; events spilled.
+    pub hot_bytes: u64,
+    pub spill_disk_bytes: u64,
+    pub spilled_events: u64,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     forwarded_out: AtomicU64,
     forwarded_in: AtomicU64,
+    pub spilled_events: AtomicU64,
 }
 
 pub struct Node {
@@ -134,8 +144,9 @@ pub struct Node {
     pub(crate) log: Arc<NodeLog>,
     pub(crate) groups: Vec<Group>,
     pub(crate) transport: Option<Arc<Transport>>,
+    pub(crate) spill: Arc<SpillStore>,
     inflight: Semaphore,
-    counters: Counters,
+    pub(crate) counters: Counters,
     recovery_records: u64,
     recovery_millis: AtomicU64,
     clock: Instant,
@@ -177,11 +188,12 @@ impl Node {
         };
         let map = ClusterMap::new(&nodes, &config.node_name, config.groups)
             .map_err(NodeError::Startup)?;
-        let (lock, meta, log, recovered, stats) = {
+        let (lock, meta, log, recovered, stats, spill) = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
                 let (lock, meta) =
                     data_dir::open(&config.data_dir, config.groups, &config.node_name)?;
+                let spill = SpillStore::open(&config.data_dir.join("spill"), config.groups)?;
                 let (log, recovered, stats) = NodeLog::open(
                     &config.data_dir.join("log"),
                     config.groups,
@@ -190,7 +202,7 @@ impl Node {
                 std::fs::create_dir_all(config.data_dir.join("snapshots")).map_err(|e| {
                     NodeError::Startup(format!("cannot create the snapshot directory: {e}"))
                 })?;
-                Ok((lock, meta, log, recovered, stats))
+                Ok((lock, meta, log, recovered, stats, Arc::new(spill)))
             })
             .await
             .map_err(|e| NodeError::Startup(format!("recovery crashed: {e}")))??
@@ -238,6 +250,7 @@ impl Node {
         let groups = {
             let config = config.clone();
             let map = map.clone();
+            let spill = spill.clone();
             tokio::task::spawn_blocking(move || -> Result<Vec<Group>, NodeError> {
                 let mut groups = Vec::with_capacity(config.groups as usize);
                 for (index, rec) in recovered.into_iter().enumerate() {
@@ -261,6 +274,12 @@ impl Node {
                             }
                         )));
                     }
+                    // Spill segments written after this snapshot hold nothing it needs (the
+                    // log has those events): only the snapshot's own runs are kept.
+                    let spilled = state.spill_segments();
+                    if let Some(mut segments) = spill.lock(index) {
+                        segments.retain(&spilled)?;
+                    }
                     let shared = GroupShared::new(index, state, snap_index);
                     let raft = map.is_member(index).then(|| {
                         let mut cfg = raft_config(&config, &map, index);
@@ -281,7 +300,7 @@ impl Node {
                             crate::rpc::command_size,
                         )
                     });
-                    groups.push(Group::new(index, raft, shared, snap_index, path));
+                    groups.push(Group::new(index, raft, shared, snap_index, path, spilled));
                 }
                 Ok(groups)
             })
@@ -295,6 +314,7 @@ impl Node {
             log,
             groups,
             transport,
+            spill,
             counters: Counters::default(),
             recovery_records: stats.records,
             recovery_millis: AtomicU64::new(0),
@@ -724,10 +744,14 @@ impl Node {
                 session_id,
                 after,
                 limit,
-            } => match local_events(&group.shared, session_id, *after, *limit as usize) {
+            } => match self
+                .read_local(group, session_id, *after, *limit as usize)
+                .await
+            {
                 Ok(events) => ClientReply::Events(events),
                 Err(NodeError::Trimmed { first_hot, .. }) => ClientReply::Trimmed { first_hot },
-                Err(_) => ClientReply::NotFound,
+                Err(NodeError::SessionNotFound(_)) => ClientReply::NotFound,
+                Err(e) => ClientReply::Unavailable(e.to_string()),
             },
             ClientOp::WaitBeyond {
                 session_id,
@@ -813,7 +837,7 @@ impl Node {
     ) -> Result<Vec<Bytes>, NodeError> {
         let group = self.group(session_id);
         if group.is_member() {
-            return local_events(&group.shared, session_id, after, limit);
+            return self.read_local(group, session_id, after, limit).await;
         }
         let op = ClientOp::ReadEvents {
             session_id: session_id.to_owned(),
@@ -828,6 +852,39 @@ impl Node {
             }),
             ClientReply::NotFound => Err(NodeError::SessionNotFound(session_id.to_owned())),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Events of a session this node replicates, from memory or its spill store (the
+    /// archive is the caller's business: `Trimmed` says where it starts).
+    async fn read_local(
+        &self,
+        group: &Group,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, NodeError> {
+        let mut attempts = 0;
+        loop {
+            let runs = match local_events(&group.shared, session_id, after, limit)? {
+                LocalEvents::Memory(events) => return Ok(events),
+                LocalEvents::Spilled(runs) => runs,
+            };
+            let store = self.spill.clone();
+            let (index, id) = (group.index, session_id.to_owned());
+            let read = tokio::task::spawn_blocking(move || {
+                crate::spill::read_runs(&store, index, &id, &runs, after, limit)
+            })
+            .await
+            .map_err(|e| unavailable(format!("spill read crashed: {e}")))?;
+            match read {
+                Ok(events) if !events.is_empty() => return Ok(events),
+                // The runs changed under the read (archived and deleted, or a snapshot
+                // installed): look again.
+                _ if attempts < 3 => attempts += 1,
+                Ok(_) => return Err(unavailable("spilled events could not be found")),
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -854,6 +911,8 @@ impl Node {
             recovery_millis: self.recovery_millis.load(Ordering::Relaxed),
             forwarded_out: self.counters.forwarded_out.load(Ordering::Relaxed),
             forwarded_in: self.counters.forwarded_in.load(Ordering::Relaxed),
+            spill_disk_bytes: self.spill.disk_bytes(),
+            spilled_events: self.counters.spilled_events.load(Ordering::Relaxed),
             ..NodeStats::default()
         };
         if let Some(t) = &self.transport {
@@ -863,7 +922,11 @@ impl Node {
         for g in &self.groups {
             let Some(core) = &g.core else { continue };
             stats.groups_replicated += 1;
-            stats.sessions += g.shared.read(|d| d.state.session_count() as u64);
+            let (sessions, hot_bytes) = g
+                .shared
+                .read(|d| (d.state.session_count() as u64, d.state.hot_bytes()));
+            stats.sessions += sessions;
+            stats.hot_bytes += hot_bytes;
             stats.snapshots_taken += g.shared.snapshots_built();
             let (status, rejoining) = {
                 let core = core.lock();
@@ -897,6 +960,7 @@ impl Node {
         tasks.push(tokio::spawn(crate::background::compact_log(
             Arc::downgrade(self),
         )));
+        tasks.push(tokio::spawn(crate::background::spill(Arc::downgrade(self))));
         if self.config.is_cluster() {
             tasks.push(tokio::spawn(crate::background::balance_leaders(
                 Arc::downgrade(self),
@@ -968,25 +1032,38 @@ impl Subscription {
     }
 }
 
+/// Where this replica holds the events right after a cursor.
+enum LocalEvents {
+    Memory(Vec<Bytes>),
+    /// On local disk, in these runs.
+    Spilled(Vec<SpillRun>),
+}
+
 fn local_events(
     shared: &GroupShared,
     session_id: &str,
     after: u64,
     limit: usize,
-) -> Result<Vec<Bytes>, NodeError> {
+) -> Result<LocalEvents, NodeError> {
     shared.read(|d| {
         let session = d
             .state
             .session(session_id)
             .ok_or_else(|| NodeError::SessionNotFound(session_id.to_owned()))?;
         let visible = d.visible_seq(session_id);
-        if visible > after && session.first_seq() > after + 1 {
+        if visible > after && session.first_local_seq() > after + 1 {
             return Err(NodeError::Trimmed {
                 session_id: session_id.to_owned(),
-                first_hot: session.first_seq(),
+                first_hot: session.first_local_seq(),
             });
         }
-        Ok(session.events_between(after, visible, limit))
+        if visible > after && session.first_seq() > after + 1 {
+            let upto = visible.min(session.first_seq() - 1);
+            return Ok(LocalEvents::Spilled(session.spilled_between(after, upto)));
+        }
+        Ok(LocalEvents::Memory(
+            session.events_between(after, visible, limit),
+        ))
     })
 }
 

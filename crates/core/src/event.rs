@@ -61,6 +61,13 @@ pub fn render_event_body(f: &EventFields<'_>) -> Vec<u8> {
 }
 
 /// The stored frame: `{"seq":N` followed by a body from [`render_event_body`].
+/// The seq at the start of a stored frame (`{"seq":N,…`), read without parsing the frame.
+pub fn frame_seq(frame: &[u8]) -> Option<u64> {
+    let rest = frame.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
 pub fn frame_with_seq(seq: u64, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 28);
     out.extend_from_slice(b"{\"seq\":");
@@ -73,6 +80,14 @@ pub fn frame_with_seq(seq: u64, body: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn reads_the_seq_of_a_frame() {
+        assert_eq!(frame_seq(br#"{"seq":42,"type":"t"}"#), Some(42));
+        assert_eq!(frame_seq(br#"{"seq":1}"#), Some(1));
+        assert_eq!(frame_seq(br#"{"type":"t","seq":1}"#), None);
+        assert_eq!(frame_seq(b""), None);
+    }
 
     #[test]
     fn renders_valid_json_with_every_field() {

@@ -12,9 +12,11 @@ pub mod time;
 pub mod validate;
 
 pub use command::{AppendCommand, ArchiveAckCommand, ArchiveMark, Command, CreateCommand};
-pub use event::{frame_with_seq, render_event, render_event_body, EventFields};
+pub use event::{frame_seq, frame_with_seq, render_event, render_event_body, EventFields};
 pub use hash::group_of;
 pub use ids::SessionId;
-pub use state::{Applied, GroupState, Session, SessionView};
+pub use state::{
+    event_cost, Applied, GroupState, Session, SessionView, SpillChunk, SpillExtent, SpillRun,
+};
 pub use time::Timestamp;
 pub use validate::{AppendRequest, CreateRequest, ValidationError};

@@ -26,9 +26,12 @@ pub struct Session {
     pub last_seq: u64,
     /// Events `1..=archived_seq` are in the cold archive (a contiguous prefix).
     pub archived_seq: u64,
-    /// Seq of `events[0]`; events below it are no longer held here.
+    /// Seq of `events[0]`; events below it are no longer held in memory.
     first_seq: u64,
     events: VecDeque<Bytes>,
+    /// Unarchived events moved to local disk to bound memory: contiguous runs, oldest first,
+    /// the last one ending at `first_seq - 1`. Runs wholly archived are dropped.
+    spilled: VecDeque<SpillRun>,
     /// idempotency key → (seq, fingerprint), for keys of the most recent `window` events.
     keys: HashMap<String, (u64, u128)>,
     key_order: VecDeque<(u64, String)>,
@@ -57,6 +60,7 @@ impl Session {
             archived_seq: 0,
             first_seq: 1,
             events: VecDeque::new(),
+            spilled: VecDeque::new(),
             keys: HashMap::new(),
             key_order: VecDeque::new(),
         }
@@ -88,6 +92,30 @@ impl Session {
     /// The lowest seq still held in memory.
     pub fn first_seq(&self) -> u64 {
         self.first_seq
+    }
+
+    /// The lowest seq held on this replica (in memory or spilled); below it, only the
+    /// archive has the events.
+    pub fn first_local_seq(&self) -> u64 {
+        self.spilled.front().map_or(self.first_seq, |r| r.from)
+    }
+
+    /// Events held in memory.
+    pub fn hot_len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// The spilled runs holding any of the events `after < seq <= upto`, oldest first.
+    pub fn spilled_between(&self, after: u64, upto: u64) -> Vec<SpillRun> {
+        self.spilled
+            .iter()
+            .filter(|r| r.to > after && r.from <= upto)
+            .cloned()
+            .collect()
+    }
+
+    pub fn spilled_runs(&self) -> impl Iterator<Item = &SpillRun> {
+        self.spilled.iter()
     }
 
     /// The answer for an append carrying `key` if the key is remembered: a dedupe when the
@@ -143,6 +171,38 @@ pub enum Applied {
 pub struct GroupState {
     sessions: HashMap<String, Session>,
     idempotency_window: u64,
+    /// Memory held by events (see [`event_cost`]); derived, recounted after decoding.
+    #[serde(skip)]
+    hot_bytes: u64,
+}
+
+/// Where a spilled run's events are on local disk: a byte extent of a spill segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpillExtent {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Events `from..=to` of a session, spilled to local disk at `extent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpillRun {
+    pub from: u64,
+    pub to: u64,
+    pub extent: SpillExtent,
+}
+
+/// Events of one session taken from memory to be spilled: `from ..= from + events.len() - 1`.
+#[derive(Debug, Clone)]
+pub struct SpillChunk {
+    pub session_id: String,
+    pub from: u64,
+    pub events: Vec<Bytes>,
+}
+
+/// What an event held in memory costs: its bytes plus the bookkeeping around them.
+pub fn event_cost(frame: &[u8]) -> u64 {
+    frame.len() as u64 + 64
 }
 
 impl CreateCommand {
@@ -199,13 +259,138 @@ impl GroupState {
         GroupState {
             sessions: HashMap::new(),
             idempotency_window: idempotency_window.max(1),
+            hot_bytes: 0,
         }
     }
 
-    /// The window is configuration, not data: a restarted node adopts its current setting.
+    /// Prepares a decoded state: the window is configuration, not data (a restarted node
+    /// adopts its current setting), and the memory count is derived.
     pub fn with_idempotency_window(mut self, window: u64) -> Self {
         self.idempotency_window = window.max(1);
+        self.hot_bytes = self
+            .sessions
+            .values()
+            .flat_map(|s| s.events.iter())
+            .map(|e| event_cost(e))
+            .sum();
         self
+    }
+
+    /// Memory held by events of this group (archived ones kept hot included).
+    pub fn hot_bytes(&self) -> u64 {
+        self.hot_bytes
+    }
+
+    /// Takes the events of every session out of memory for spilling, in runs of at most
+    /// `max_run_bytes`. Events already archived are simply dropped from memory (the archive
+    /// serves them). The events stay readable in memory until [`GroupState::commit_spill`].
+    pub fn take_spillable(&mut self, max_run_bytes: u64) -> Vec<SpillChunk> {
+        let mut chunks = Vec::new();
+        for session in self.sessions.values_mut() {
+            if session.spilled.is_empty() {
+                while session.first_seq <= session.archived_seq {
+                    let Some(e) = session.events.pop_front() else {
+                        break;
+                    };
+                    self.hot_bytes -= event_cost(&e);
+                    session.first_seq += 1;
+                }
+            }
+            let mut from = session.first_seq;
+            let mut run: Vec<Bytes> = Vec::new();
+            let mut run_bytes = 0;
+            for event in &session.events {
+                if !run.is_empty() && run_bytes + event.len() as u64 > max_run_bytes {
+                    let events = std::mem::take(&mut run);
+                    let next = from + events.len() as u64;
+                    chunks.push(SpillChunk {
+                        session_id: session.id.clone(),
+                        from,
+                        events,
+                    });
+                    from = next;
+                    run_bytes = 0;
+                }
+                run_bytes += event.len() as u64;
+                run.push(event.clone());
+            }
+            if !run.is_empty() {
+                chunks.push(SpillChunk {
+                    session_id: session.id.clone(),
+                    from,
+                    events: run,
+                });
+            }
+        }
+        chunks
+    }
+
+    /// Replaces the `count` events from `from` in memory by a spilled run at `extent`.
+    /// Refused (false) unless they are exactly the oldest events in memory, right after the
+    /// last spilled run: the state may have moved on since they were taken.
+    pub fn commit_spill(
+        &mut self,
+        session_id: &str,
+        from: u64,
+        count: usize,
+        extent: SpillExtent,
+    ) -> bool {
+        let Some(session) = self.sessions.get_mut(session_id) else {
+            return false;
+        };
+        let follows = session.spilled.back().is_none_or(|r| r.to + 1 == from);
+        if count == 0 || session.first_seq != from || session.events.len() < count || !follows {
+            return false;
+        }
+        for e in session.events.drain(..count) {
+            self.hot_bytes -= event_cost(&e);
+        }
+        session.first_seq = from + count as u64;
+        session.spilled.push_back(SpillRun {
+            from,
+            to: from + count as u64 - 1,
+            extent,
+        });
+        true
+    }
+
+    /// Puts a session's spilled events back in memory (`events` are those of all its runs, in
+    /// order), e.g. to ship the state to a replica that cannot read this node's disk.
+    pub fn unspill(&mut self, session_id: &str, events: Vec<Bytes>) -> Result<(), String> {
+        let Some(session) = self.sessions.get_mut(session_id) else {
+            return Err(format!("no session {session_id}"));
+        };
+        let Some(from) = session.spilled.front().map(|r| r.from) else {
+            return Ok(());
+        };
+        if from + events.len() as u64 != session.first_seq {
+            return Err(format!(
+                "session {session_id}: {} spilled events read back, {} expected",
+                events.len(),
+                session.first_seq - from
+            ));
+        }
+        for e in events.into_iter().rev() {
+            self.hot_bytes += event_cost(&e);
+            session.events.push_front(e);
+        }
+        session.first_seq = from;
+        session.spilled.clear();
+        Ok(())
+    }
+
+    /// Spill segments the state refers to.
+    pub fn spill_segments(&self) -> std::collections::BTreeSet<u64> {
+        self.sessions
+            .values()
+            .flat_map(|s| s.spilled.iter())
+            .map(|r| r.extent.segment)
+            .collect()
+    }
+
+    /// Whether any session has spilled events.
+    pub fn has_spilled(&self) -> bool {
+        self.sessions.values().any(|s| !s.spilled.is_empty())
     }
 
     pub fn session(&self, id: &str) -> Option<&Session> {
@@ -275,9 +460,9 @@ impl GroupState {
                 }
                 session.last_seq = seq;
                 session.updated_at = session.updated_at.max(a.inserted_at);
-                session
-                    .events
-                    .push_back(Bytes::from(frame_with_seq(seq, &a.body)));
+                let frame = Bytes::from(frame_with_seq(seq, &a.body));
+                self.hot_bytes += event_cost(&frame);
+                session.events.push_back(frame);
                 while let Some((oldest, _)) = session.key_order.front() {
                     if oldest + window > seq {
                         break;
@@ -315,9 +500,20 @@ impl GroupState {
             return None;
         }
         session.archived_seq = mark.archived_seq;
+        while session
+            .spilled
+            .front()
+            .is_some_and(|r| r.to <= mark.archived_seq)
+        {
+            session.spilled.pop_front();
+        }
         let keep_from = mark.archived_seq.saturating_sub(keep_hot) + 1;
         let mut trimmed = 0;
-        while session.first_seq < keep_from && session.events.pop_front().is_some() {
+        while session.first_seq < keep_from {
+            let Some(e) = session.events.pop_front() else {
+                break;
+            };
+            self.hot_bytes -= event_cost(&e);
             session.first_seq += 1;
             trimmed += 1;
         }
@@ -620,6 +816,133 @@ mod tests {
             let b = replayed.session("a").unwrap();
             prop_assert_eq!(a.events_between(0, last, usize::MAX), b.events_between(0, last, usize::MAX));
             prop_assert_eq!(&a.keys, &b.keys);
+        }
+    }
+
+    #[test]
+    fn spilled_events_leave_memory_and_come_back() {
+        let mut s = GroupState::new(100);
+        create(&mut s, "a");
+        for _ in 0..5 {
+            append(&mut s, "a", &request("{}", None, None));
+        }
+        let full = s.hot_bytes();
+        assert!(full > 0);
+        let chunks = s.take_spillable(u64::MAX);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!((chunks[0].from, chunks[0].events.len()), (1, 5));
+        let extent = SpillExtent {
+            segment: 7,
+            offset: 0,
+            len: 1,
+        };
+        assert!(
+            !s.commit_spill("a", 2, 4, extent),
+            "not the oldest in memory"
+        );
+        assert!(s.commit_spill("a", 1, 3, extent));
+        assert!(!s.commit_spill("a", 1, 3, extent), "already spilled");
+        let session = s.session("a").unwrap();
+        assert_eq!((session.first_local_seq(), session.first_seq()), (1, 4));
+        assert_eq!(session.spilled_between(0, 5).len(), 1);
+        assert_eq!(session.spilled_between(3, 5).len(), 0);
+        assert_eq!(s.spill_segments().into_iter().collect::<Vec<_>>(), vec![7]);
+        assert!(s.hot_bytes() < full);
+        // Shipping the state elsewhere: the spilled events go back in memory.
+        let mut shipped = s.clone();
+        let spilled: Vec<Bytes> = chunks[0].events[..3].to_vec();
+        assert!(shipped.unspill("a", spilled[..2].to_vec()).is_err());
+        shipped.unspill("a", spilled).unwrap();
+        assert_eq!(shipped.hot_bytes(), full);
+        assert_eq!(
+            shipped.session("a").unwrap().events_between(0, 5, 10).len(),
+            5
+        );
+        // Archiving past a run drops it; the archived events still in memory are dropped
+        // (not spilled) by the next spill.
+        let ack = Command::ArchiveAck(ArchiveAckCommand {
+            marks: vec![ArchiveMark {
+                session_id: "a".into(),
+                archived_seq: 4,
+            }],
+            keep_hot: 100,
+        });
+        assert_eq!(s.apply(&ack), Applied::Archived { trimmed: 0 });
+        assert!(s.spill_segments().is_empty());
+        assert_eq!(s.session("a").unwrap().first_local_seq(), 4);
+        let chunks = s.take_spillable(u64::MAX);
+        assert_eq!((chunks[0].from, chunks[0].events.len()), (5, 1));
+        assert_eq!(s.session("a").unwrap().first_local_seq(), 5);
+    }
+
+    #[derive(Debug, Clone)]
+    enum TierOp {
+        Append,
+        Archive { upto_percent: u8, keep_hot: u64 },
+        Spill { max_run_bytes: u64 },
+    }
+
+    fn tier_op() -> impl Strategy<Value = TierOp> {
+        prop_oneof![
+            4 => Just(TierOp::Append),
+            1 => (0u8..=100, 0u64..5).prop_map(|(upto_percent, keep_hot)| TierOp::Archive { upto_percent, keep_hot }),
+            1 => (1u64..400).prop_map(|max_run_bytes| TierOp::Spill { max_run_bytes }),
+        ]
+    }
+
+    proptest! {
+        /// Whatever mix of appends, archive marks and spills: every event from the first one
+        /// held locally to `last_seq` is in exactly one of spill or memory, in order, nothing
+        /// below `archived_seq + 1` is missing from the archive's side, and the memory count
+        /// matches a recount.
+        #[test]
+        fn tiers_always_cover_the_history(ops in proptest::collection::vec(tier_op(), 1..120)) {
+            let mut s = GroupState::new(10);
+            create(&mut s, "a");
+            let mut disk: HashMap<u64, Vec<Bytes>> = HashMap::new();
+            for op in ops {
+                match op {
+                    TierOp::Append => {
+                        append(&mut s, "a", &request(r#"{"x":"padding"}"#, None, None));
+                    }
+                    TierOp::Archive { upto_percent, keep_hot } => {
+                        let last = s.session("a").unwrap().last_seq;
+                        s.apply(&Command::ArchiveAck(ArchiveAckCommand {
+                            marks: vec![ArchiveMark {
+                                session_id: "a".into(),
+                                archived_seq: last * u64::from(upto_percent) / 100,
+                            }],
+                            keep_hot,
+                        }));
+                    }
+                    TierOp::Spill { max_run_bytes } => {
+                        for chunk in s.take_spillable(max_run_bytes) {
+                            let segment = disk.len() as u64;
+                            let extent = SpillExtent { segment, offset: 0, len: 0 };
+                            prop_assert!(s.commit_spill(&chunk.session_id, chunk.from, chunk.events.len(), extent));
+                            disk.insert(segment, chunk.events);
+                        }
+                    }
+                }
+                let session = s.session("a").unwrap();
+                prop_assert!(session.first_local_seq() <= session.archived_seq + 1);
+                let mut seq = session.first_local_seq();
+                for run in session.spilled_runs() {
+                    prop_assert_eq!(run.from, seq);
+                    for event in &disk[&run.extent.segment] {
+                        prop_assert_eq!(crate::event::frame_seq(event), Some(seq));
+                        seq += 1;
+                    }
+                    prop_assert_eq!(run.to + 1, seq);
+                }
+                prop_assert_eq!(session.first_seq(), seq);
+                for event in session.events_between(seq - 1, session.last_seq, usize::MAX) {
+                    prop_assert_eq!(crate::event::frame_seq(&event), Some(seq));
+                    seq += 1;
+                }
+                prop_assert_eq!(seq, session.last_seq + 1);
+                prop_assert_eq!(s.hot_bytes(), s.clone().with_idempotency_window(10).hot_bytes());
+            }
         }
     }
 }

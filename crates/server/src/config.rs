@@ -119,6 +119,13 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u64).range(10..))]
     pub snapshot_every_entries: u64,
 
+    /// Memory the events held hot may take, in bytes, over all groups. Past it, the node
+    /// moves events to its spill store on local disk (events already archived simply leave
+    /// memory), so an archive outage costs disk, not memory.
+    #[arg(long, env = "STARCITE_HOT_MAX_BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    pub hot_max_bytes: u64,
+
     /// Log segment size in bytes.
     #[arg(long, env = "STARCITE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1024..))]

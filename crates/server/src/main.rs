@@ -164,6 +164,7 @@ async fn run(config: ServeConfig) -> Result<(), String> {
         segment_bytes: config.segment_bytes,
         snapshot_every_bytes: config.snapshot_every_bytes,
         snapshot_every_entries: config.snapshot_every_entries,
+        hot_max_bytes: config.hot_max_bytes,
         max_inflight_writes: 8192,
         request_timeout: config.request_timeout(),
         node_name: config.node_name.clone(),

@@ -97,6 +97,9 @@ pub fn record_node_stats(stats: &NodeStats) {
         .absolute(stats.forwarded_in);
     metrics::counter!("starcite_peer_bytes_sent_total").absolute(stats.peer_bytes_sent);
     metrics::counter!("starcite_peer_bytes_received_total").absolute(stats.peer_bytes_received);
+    metrics::gauge!("starcite_hot_bytes").set(stats.hot_bytes as f64);
+    metrics::gauge!("starcite_spill_disk_bytes").set(stats.spill_disk_bytes as f64);
+    metrics::counter!("starcite_spilled_events_total").absolute(stats.spilled_events);
 }
 
 /// Metric handles resolved once: the hot path records without hashing a key per call.

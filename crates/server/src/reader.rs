@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use bytes::Bytes;
 use starcite_archive::Archive;
 use starcite_cluster::{Node, NodeError};
+use starcite_core::frame_seq;
 use std::sync::{Arc, OnceLock};
 
 #[derive(Clone)]
@@ -42,13 +43,6 @@ impl std::fmt::Display for ReadError {
             ReadError::Api(e) => f.write_str(&e.message),
         }
     }
-}
-
-/// The seq at the start of a stored frame (`{"seq":N,…`).
-pub fn frame_seq(frame: &[u8]) -> Option<u64> {
-    let rest = frame.strip_prefix(b"{\"seq\":")?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
 impl EventReader {
@@ -114,18 +108,5 @@ impl EventReader {
             }
             Err(e) => Err(ReadError::Api(e.into())),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::frame_seq;
-
-    #[test]
-    fn reads_the_seq_of_a_frame() {
-        assert_eq!(frame_seq(br#"{"seq":42,"type":"t"}"#), Some(42));
-        assert_eq!(frame_seq(br#"{"seq":1}"#), Some(1));
-        assert_eq!(frame_seq(br#"{"type":"t","seq":1}"#), None);
-        assert_eq!(frame_seq(b""), None);
     }
 }

@@ -236,3 +236,299 @@ async fn postgres_outage_keeps_appends_working_and_catches_up_exactly_once() {
     );
     assert_contiguous(&ws_events(&server, "o", 0, 250).await, 1);
 }
+
+/// Appends events `from..=to` of `id`, each with a payload padded to `pad` bytes.
+async fn append_padded(
+    client: reqwest::Client,
+    url: String,
+    id: String,
+    from: u64,
+    to: u64,
+    pad: usize,
+) {
+    let pad = "x".repeat(pad);
+    for i in from..=to {
+        let body = json!({"type": "t", "actor": "a", "payload": {"i": i, "pad": pad}});
+        let r = client
+            .post(format!("{url}/v1/sessions/{id}/append"))
+            .json(&body)
+            .send()
+            .await
+            .expect("append");
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    }
+}
+
+/// One writer per session at once, appending `from..=to` with `pad`-byte payloads.
+async fn append_concurrently(server: &Server, ids: &[String], from: u64, to: u64, pad: usize) {
+    let client = reqwest::Client::new();
+    let writers: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (client, url, id) = (client.clone(), server.url(), id.clone());
+            tokio::spawn(append_padded(client, url, id, from, to, pad))
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+}
+
+/// Budget for events held in memory in the spill test: far below what it appends.
+const SMALL_HOT_BUDGET: &str = "65536";
+
+/// Waits (at most 10 s: a spill pass runs every 100 ms) until memory is within the budget.
+async fn wait_hot_within_budget(server: &Server) {
+    let budget: f64 = SMALL_HOT_BUDGET.parse().expect("budget");
+    let within = |v: f64| v <= budget;
+    wait_metric(
+        server,
+        "starcite_hot_bytes",
+        within,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_long_outage_spills_to_local_disk_and_loses_nothing() {
+    let pg = pg::Postgres::start().await;
+    if !pg.can_stop() {
+        eprintln!("DATABASE_URL is set: the spill test needs the throwaway cluster and runs there");
+        return;
+    }
+    let mut env = FAST_ARCHIVE.to_vec();
+    env.extend([
+        ("DATABASE_URL", pg.url.as_str()),
+        ("STARCITE_HOT_MAX_BYTES", SMALL_HOT_BUDGET),
+        // Snapshots refer to spilled runs: take some during the test.
+        ("STARCITE_SNAPSHOT_EVERY_ENTRIES", "50"),
+        ("STARCITE_RAFT_GROUPS", "4"),
+    ]);
+    let mut server = Server::start(&env).await;
+    let client = reqwest::Client::new();
+    let ids: Vec<String> = ["sp0", "sp1", "sp2"].map(String::from).to_vec();
+    for id in &ids {
+        create(&client, &server, id).await;
+    }
+    append_concurrently(&server, &ids, 1, 20, 64).await;
+    wait_archived(&server).await;
+
+    pg.stop();
+    append_concurrently(&server, &ids, 21, 400, 1000).await;
+    // ~1.2 MB appended while the archive is down: memory holds at most the budget.
+    wait_hot_within_budget(&server).await;
+    assert!(metric(&server, "starcite_spilled_events_total").await >= 1000.0);
+    assert!(metric(&server, "starcite_spill_disk_bytes").await >= 1_000_000.0);
+    assert!(metric(&server, "starcite_archive_pending_rows").await >= 1140.0);
+    // Tails past the archive read the spilled events back, in order, then memory, then live.
+    for id in &ids {
+        assert_contiguous(&ws_events(&server, id, 20, 380).await, 21);
+        assert_contiguous(&ws_events(&server, id, 333, 67).await, 334);
+    }
+
+    // A crash: snapshots refer to spilled runs, the log replays the rest.
+    server.restart().await;
+    for id in &ids {
+        assert_contiguous(&ws_events(&server, id, 20, 380).await, 21);
+    }
+    append_concurrently(&server, &ids[..1], 401, 410, 64).await;
+    wait_hot_within_budget(&server).await;
+
+    pg.restart();
+    wait_archived(&server).await;
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("connect");
+    for (id, last) in [("sp0", 410i64), ("sp1", 400), ("sp2", 400)] {
+        let (count, distinct, max): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT seq), max(seq) FROM events WHERE session_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("counts");
+        assert_eq!(
+            (count, distinct, max),
+            (last, last, last),
+            "{id}: every event archived exactly once"
+        );
+        assert_contiguous(&ws_events(&server, id, 0, last as usize).await, 1);
+    }
+    // Once the archive has everything, the spill segments go (checked every 10 s).
+    let empty = |v: f64| v == 0.0;
+    wait_metric(
+        &server,
+        "starcite_spill_disk_bytes",
+        empty,
+        Duration::from_secs(40),
+    )
+    .await;
+    server.restart().await;
+    assert_contiguous(&ws_events(&server, "sp1", 0, 400).await, 1);
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[tokio::test]
+async fn memory_stays_bounded_while_the_archive_is_unreachable() {
+    // An archive that never answers: nothing is ever archived, so without spilling every
+    // event appended would stay in memory.
+    let dead = format!(
+        "postgres://postgres@127.0.0.1:{}/none",
+        support::free_port()
+    );
+    // Measured: a round grows memory by 1-8 MB; with the budget at 10 GB instead, by ~44 MB
+    // (the test fails).
+    let server = Server::start(&[
+        ("DATABASE_URL", dead.as_str()),
+        ("STARCITE_HOT_MAX_BYTES", "1048576"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    const WRITERS: usize = 16;
+    const EACH: u64 = 250;
+    const PAD: usize = 8 * 1024;
+    let ids: Vec<String> = (0..WRITERS).map(|w| format!("m{w}")).collect();
+    for id in &ids {
+        create(&client, &server, id).await;
+    }
+    // A first round reaches the steady state (buffers, allocator arenas, connections, the
+    // budget filled); a second one must then leave memory about where it was.
+    append_concurrently(&server, &ids, 1, EACH, PAD).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_bytes(server.pid());
+    append_concurrently(&server, &ids, EACH + 1, 2 * EACH, PAD).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(server.pid());
+    let appended = WRITERS as u64 * EACH * PAD as u64;
+    eprintln!("resident memory {before} -> {after} while {appended} payload bytes were appended");
+    assert!(
+        after.saturating_sub(before) < appended / 2,
+        "memory grew by {} bytes while {appended} bytes were appended and never archived",
+        after.saturating_sub(before)
+    );
+    let pending = metric(&server, "starcite_archive_pending_rows").await;
+    assert!(pending >= (WRITERS as u64 * 2 * EACH) as f64, "{pending}");
+    // Every event is still there, from disk.
+    let events = ws_events(&server, "m3", 0, 2 * EACH as usize).await;
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["payload"]["i"].as_u64(), Some(i as u64 + 1));
+    }
+}
+
+/// Three nodes sharing one Postgres, the archive flushing every 50 ms, and the first node
+/// (leader of about a third of the groups) killed while writers append: its groups' new
+/// leaders resume from the replicated archive marks, re-sending whatever the old leader may
+/// have inserted without acknowledging. Every acknowledged event ends up archived exactly
+/// once, and replays across tiers are whole on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_change_mid_flush_archives_every_event_exactly_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pg = pg::Postgres::start().await;
+    let suffix = format!("{:x}", std::process::id());
+    let mut cluster = support::Cluster::start(
+        3,
+        &[
+            ("DATABASE_URL", pg.url.as_str()),
+            ("STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", "50"),
+            ("STARCITE_TAIL_KEEP", "10"),
+        ],
+    )
+    .await;
+    let urls = cluster.urls();
+    let client = reqwest::Client::new();
+    let within = Duration::from_secs(30);
+    let sessions: Vec<String> = (0..6).map(|i| format!("mf{i}-{suffix}")).collect();
+    for s in &sessions {
+        let body = json!({ "id": s });
+        let (status, ack) = support::post_any(&client, &urls, "/v1/sessions", &body, within).await;
+        assert_eq!(status, 201, "{ack}");
+    }
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = sessions
+        .iter()
+        .map(|s| {
+            let (client, urls, s, stop) = (client.clone(), urls.clone(), s.clone(), stop.clone());
+            tokio::spawn(async move {
+                let path = format!("/v1/sessions/{s}/append");
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let body = json!({"type": "t", "actor": "a", "payload": {"n": n},
+                                      "idempotency_key": format!("{s}-{n}")});
+                    let (status, ack) =
+                        support::post_any(&client, &urls, &path, &body, within).await;
+                    assert_eq!(status, 201, "{ack}");
+                    assert_eq!(ack["seq"].as_u64(), Some(n), "{s}: one writer, seq = n");
+                }
+                (s, n)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.nodes[0].kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.restart(0).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut last: Vec<(String, u64)> = Vec::new();
+    for w in writers {
+        let (s, n) = w.await.expect("writer");
+        assert!(n > 10, "{s} made progress");
+        last.push((s, n));
+    }
+    for node in &cluster.nodes {
+        wait_archived(node).await;
+    }
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("connect");
+    for (s, n) in &last {
+        let (count, distinct, min, max): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM events WHERE session_id = $1",
+        )
+        .bind(s)
+        .fetch_one(&pool)
+        .await
+        .expect("counts");
+        let n = *n as i64;
+        assert_eq!(
+            (count, distinct, min, max),
+            (n, n, 1, n),
+            "{s}: every event archived exactly once"
+        );
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, payload->>'n' FROM events WHERE session_id = $1 ORDER BY seq",
+        )
+        .bind(s)
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+        for (seq, payload_n) in rows {
+            assert_eq!(
+                payload_n,
+                seq.to_string(),
+                "{s}: the event acknowledged with that seq"
+            );
+        }
+        for node in &cluster.nodes {
+            let events = all_events(&client, node, s).await;
+            let seqs: Vec<u64> = events
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap_or(0))
+                .collect();
+            assert_eq!(
+                seqs,
+                (1..=n as u64).collect::<Vec<_>>(),
+                "{s} on {}",
+                node.url()
+            );
+        }
+    }
+}

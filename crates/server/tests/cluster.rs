@@ -352,7 +352,9 @@ async fn a_full_cluster_kill_and_restart_keeps_every_acknowledged_event() {
 /// is brought up to date with a snapshot, then the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_missed_many_writes_catches_up_from_a_snapshot() {
-    let mut cluster = Cluster::start(3, &[("STARCITE_SNAPSHOT_EVERY_ENTRIES", "20")]).await;
+    // With no archive and a tiny memory budget, the leaders' snapshots refer to spilled
+    // runs: the snapshot sent must carry those events.
+    let mut cluster = Cluster::start(3, &SNAPSHOTS_OF_SPILLED_EVENTS).await;
     let c = client();
     let urls = cluster.urls();
     create(&c, &urls, "m").await;
@@ -371,6 +373,23 @@ async fn a_node_that_missed_many_writes_catches_up_from_a_snapshot() {
         log.contains("installing a snapshot from the leader"),
         "no snapshot installed:\n{log}"
     );
+    assert_spilled(&cluster).await;
+}
+
+/// Snapshots every 20 entries and a memory budget far below what the tests append.
+const SNAPSHOTS_OF_SPILLED_EVENTS: [(&str, &str); 2] = [
+    ("STARCITE_SNAPSHOT_EVERY_ENTRIES", "20"),
+    ("STARCITE_HOT_MAX_BYTES", "4096"),
+];
+
+async fn assert_spilled(cluster: &Cluster) {
+    let mut spilled = 0.0;
+    for node in &cluster.nodes {
+        if node.is_running() {
+            spilled += support::metric(node, "starcite_spilled_events_total").await;
+        }
+    }
+    assert!(spilled > 0.0, "the test meant to spill events did not");
 }
 
 /// A node whose disk is wiped comes back empty, catches up every group (from snapshots where
@@ -380,7 +399,7 @@ async fn a_node_that_missed_many_writes_catches_up_from_a_snapshot() {
 /// node holds every acknowledged event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_node_catches_up_at_once_and_then_carries_the_quorum() {
-    let mut cluster = Cluster::start(3, &[("STARCITE_SNAPSHOT_EVERY_ENTRIES", "20")]).await;
+    let mut cluster = Cluster::start(3, &SNAPSHOTS_OF_SPILLED_EVENTS).await;
     let c = client();
     let urls = cluster.urls();
     let sessions = ["w1", "w2", "w3", "w4"];
@@ -423,4 +442,5 @@ async fn a_wiped_node_catches_up_at_once_and_then_carries_the_quorum() {
     for s in sessions {
         assert_holds(&c, cluster.node(2), s, &acked[s]).await;
     }
+    assert_spilled(&cluster).await;
 }

@@ -1,16 +1,19 @@
 //! Node-wide durable storage: one write-ahead log shared by every group, written by a single
 //! thread that merges concurrent appends into one `fdatasync` (group commit), plus small
-//! atomically replaced files (snapshots).
+//! atomically replaced files (snapshots), plus the spill store for unarchived events that
+//! left memory.
 //!
 //! The log knows nothing about what its records mean: it stores opaque byte strings, frames
 //! them with a length and a CRC32C, and hands them back in order on recovery.
 
 mod file;
 mod frame;
+mod spill;
 mod wal;
 
 pub use file::{read_framed_file, write_framed_file};
 pub use frame::{decode_frames, encode_frame, FrameError, FRAME_HEADER_LEN};
+pub use spill::{SpillGuard, SpillStore};
 pub use wal::{Durable, SegmentHeader, Wal, WalOptions, WalStats};
 
 use std::path::PathBuf;
