@@ -292,6 +292,7 @@ async fn wait_hot_within_budget(server: &Server) {
 
 #[tokio::test]
 async fn a_long_outage_spills_to_local_disk_and_loses_nothing() {
+    const LAST: u64 = 1800;
     let pg = pg::Postgres::start().await;
     if !pg.can_stop() {
         eprintln!("DATABASE_URL is set: the spill test needs the throwaway cluster and runs there");
@@ -315,30 +316,32 @@ async fn a_long_outage_spills_to_local_disk_and_loses_nothing() {
     wait_archived(&server).await;
 
     pg.stop();
-    append_concurrently(&server, &ids, 21, 400, 1000).await;
-    // ~1.2 MB appended while the archive is down: memory holds at most the budget.
+    append_concurrently(&server, &ids, 21, LAST, 1000).await;
+    // ~5.5 MB appended while the archive is down: memory holds at most the budget.
     wait_hot_within_budget(&server).await;
-    assert!(metric(&server, "starcite_spilled_events_total").await >= 1000.0);
-    assert!(metric(&server, "starcite_spill_disk_bytes").await >= 1_000_000.0);
-    assert!(metric(&server, "starcite_archive_pending_rows").await >= 1140.0);
+    assert!(metric(&server, "starcite_spilled_events_total").await >= 5000.0);
+    assert!(metric(&server, "starcite_spill_disk_bytes").await >= 5_000_000.0);
+    // More than one archive batch (5,000 events) waits for the archive.
+    assert!(metric(&server, "starcite_archive_pending_rows").await >= 5340.0);
     // Tails past the archive read the spilled events back, in order, then memory, then live.
     for id in &ids {
-        assert_contiguous(&ws_events(&server, id, 20, 380).await, 21);
-        assert_contiguous(&ws_events(&server, id, 333, 67).await, 334);
+        assert_contiguous(&ws_events(&server, id, 20, LAST as usize - 20).await, 21);
+        assert_contiguous(&ws_events(&server, id, LAST - 67, 67).await, LAST - 66);
     }
 
     // A crash: snapshots refer to spilled runs, the log replays the rest.
     server.restart().await;
     for id in &ids {
-        assert_contiguous(&ws_events(&server, id, 20, 380).await, 21);
+        assert_contiguous(&ws_events(&server, id, 20, LAST as usize - 20).await, 21);
     }
-    append_concurrently(&server, &ids[..1], 401, 410, 64).await;
+    append_concurrently(&server, &ids[..1], LAST + 1, LAST + 10, 64).await;
     wait_hot_within_budget(&server).await;
 
     pg.restart();
     wait_archived(&server).await;
     let pool = sqlx::PgPool::connect(&pg.url).await.expect("connect");
-    for (id, last) in [("sp0", 410i64), ("sp1", 400), ("sp2", 400)] {
+    let last = LAST as i64;
+    for (id, last) in [("sp0", last + 10), ("sp1", last), ("sp2", last)] {
         let (count, distinct, max): (i64, i64, i64) = sqlx::query_as(
             "SELECT count(*), count(DISTINCT seq), max(seq) FROM events WHERE session_id = $1",
         )
@@ -363,7 +366,7 @@ async fn a_long_outage_spills_to_local_disk_and_loses_nothing() {
     )
     .await;
     server.restart().await;
-    assert_contiguous(&ws_events(&server, "sp1", 0, 400).await, 1);
+    assert_contiguous(&ws_events(&server, "sp1", 0, LAST as usize).await, 1);
 }
 
 /// Resident memory of a process, from /proc.
