@@ -71,8 +71,9 @@ impl Node {
             .sum()
     }
 
-    /// If memory holds more events than the budget, spills the largest groups until it is
-    /// under half the budget. Blocking. Returns the bytes of memory freed.
+    /// If memory holds more events than the budget, frees memory until it is under half the
+    /// budget: first by dropping archived events, then by spilling the largest groups.
+    /// Blocking. Returns the bytes of memory freed.
     pub(crate) fn spill_over_budget(&self) -> Result<u64, NodeError> {
         let budget = self.config().hot_max_bytes;
         let mut sizes: Vec<(u64, u32)> = self
@@ -87,6 +88,16 @@ impl Node {
         }
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         let mut freed = 0;
+        // First what costs no disk: events the archive already has leave memory.
+        for &(_, index) in &sizes {
+            if total <= budget / 2 {
+                return Ok(freed);
+            }
+            let g = &self.groups[index as usize];
+            let n = g.shared.update(|d| d.state.drop_archived());
+            freed += n;
+            total = total.saturating_sub(n);
+        }
         for (_, index) in sizes {
             if total <= budget / 2 {
                 break;

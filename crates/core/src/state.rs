@@ -281,21 +281,33 @@ impl GroupState {
         self.hot_bytes
     }
 
-    /// Takes the events of every session out of memory for spilling, in runs of at most
-    /// `max_run_bytes`. Events already archived are simply dropped from memory (the archive
-    /// serves them). The events stay readable in memory until [`GroupState::commit_spill`].
-    pub fn take_spillable(&mut self, max_run_bytes: u64) -> Vec<SpillChunk> {
-        let mut chunks = Vec::new();
+    /// Drops from memory the events the archive already holds (kept hot for fast reads,
+    /// which the archive then serves). Returns the memory freed.
+    pub fn drop_archived(&mut self) -> u64 {
+        let before = self.hot_bytes;
         for session in self.sessions.values_mut() {
-            if session.spilled.is_empty() {
-                while session.first_seq <= session.archived_seq {
-                    let Some(e) = session.events.pop_front() else {
-                        break;
-                    };
-                    self.hot_bytes -= event_cost(&e);
-                    session.first_seq += 1;
-                }
+            // With spilled runs, memory starts above the archive mark: nothing to drop.
+            if !session.spilled.is_empty() {
+                continue;
             }
+            while session.first_seq <= session.archived_seq {
+                let Some(e) = session.events.pop_front() else {
+                    break;
+                };
+                self.hot_bytes -= event_cost(&e);
+                session.first_seq += 1;
+            }
+        }
+        before - self.hot_bytes
+    }
+
+    /// Takes the events of every session out of memory for spilling, in runs of at most
+    /// `max_run_bytes`, after dropping those already archived. The events stay readable in
+    /// memory until [`GroupState::commit_spill`].
+    pub fn take_spillable(&mut self, max_run_bytes: u64) -> Vec<SpillChunk> {
+        self.drop_archived();
+        let mut chunks = Vec::new();
+        for session in self.sessions.values() {
             let mut from = session.first_seq;
             let mut run: Vec<Bytes> = Vec::new();
             let mut run_bytes = 0;
@@ -870,9 +882,13 @@ mod tests {
         assert_eq!(s.apply(&ack), Applied::Archived { trimmed: 0 });
         assert!(s.spill_segments().is_empty());
         assert_eq!(s.session("a").unwrap().first_local_seq(), 4);
+        let before = s.hot_bytes();
+        assert!(s.drop_archived() > 0);
+        assert_eq!(s.drop_archived(), 0);
+        assert!(s.hot_bytes() < before);
+        assert_eq!(s.session("a").unwrap().first_local_seq(), 5);
         let chunks = s.take_spillable(u64::MAX);
         assert_eq!((chunks[0].from, chunks[0].events.len()), (5, 1));
-        assert_eq!(s.session("a").unwrap().first_local_seq(), 5);
     }
 
     #[derive(Debug, Clone)]

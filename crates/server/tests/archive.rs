@@ -535,3 +535,35 @@ async fn a_leader_change_mid_flush_archives_every_event_exactly_once() {
         }
     }
 }
+
+/// With the archive keeping up, the memory budget is met by letting archived events go
+/// (the archive serves them): nothing is written to the spill store.
+#[tokio::test]
+async fn a_healthy_archive_keeps_memory_in_budget_without_spilling() {
+    let server = Server::start(&[
+        ("STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", "100"),
+        ("STARCITE_HOT_MAX_BYTES", "1048576"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let ids: Vec<String> = (0..10).map(|i| format!("h{i}")).collect();
+    for id in &ids {
+        create(&client, &server, id).await;
+    }
+    // ~4 MB kept hot by the default STARCITE_TAIL_KEEP (1000 per session) without a budget.
+    append_concurrently(&server, &ids, 1, 400, 800).await;
+    wait_archived(&server).await;
+    let within = |v: f64| v <= 1_048_576.0;
+    wait_metric(
+        &server,
+        "starcite_hot_bytes",
+        within,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(metric(&server, "starcite_spilled_events_total").await, 0.0);
+    assert_eq!(metric(&server, "starcite_spill_disk_bytes").await, 0.0);
+    for id in &ids {
+        assert_contiguous(&ws_events(&server, id, 0, 400).await, 1);
+    }
+}
