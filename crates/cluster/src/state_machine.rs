@@ -14,7 +14,10 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"STGSNAP1";
+/// Format 2: sessions carry their spilled runs. Format 1 files (no spill store) are refused
+/// with a clear message rather than misread: postcard data is not self-describing.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"STGSNAP2";
+const OLD_SNAPSHOT_MAGICS: [&[u8; 8]; 1] = [b"STGSNAP1"];
 
 /// What readers of a group see: the applied state and the bookkeeping derived from it.
 pub struct GroupData {
@@ -195,7 +198,25 @@ struct SnapshotHeader {
 impl SnapshotFile {
     /// Reads the snapshot at `path`, if there is one. Blocking.
     pub fn read(path: &Path) -> Result<Option<SnapshotFile>, NodeError> {
-        let Some(mut frames) = read_framed_file(path, SNAPSHOT_MAGIC)? else {
+        let frames = match read_framed_file(path, SNAPSHOT_MAGIC) {
+            Ok(frames) => frames,
+            Err(e) => {
+                let mut magic = [0u8; 8];
+                let old = std::fs::File::open(path)
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                    .is_ok_and(|_| OLD_SNAPSHOT_MAGICS.contains(&&magic));
+                if old {
+                    return Err(NodeError::Startup(format!(
+                        "snapshot {} was written by an older Starcite (format {}); this build \
+                         reads format 2 only: start it on a new data directory",
+                        path.display(),
+                        String::from_utf8_lossy(&magic[7..])
+                    )));
+                }
+                return Err(e.into());
+            }
+        };
+        let Some(mut frames) = frames else {
             return Ok(None);
         };
         let damaged = || NodeError::Startup(format!("snapshot {} is damaged", path.display()));
@@ -236,4 +257,31 @@ pub fn decode_state(data: &[u8], idempotency_window: u64) -> Result<GroupState, 
     postcard::from_bytes::<GroupState>(data)
         .map(|s| s.with_idempotency_window(idempotency_window))
         .map_err(|e| NodeError::Startup(format!("snapshot cannot be decoded: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_round_trip_and_an_older_format_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("group.snap");
+        let data = encode_state(&GroupState::new(10));
+        let file = SnapshotFile {
+            index: 7,
+            term: 2,
+            data: data.clone(),
+        };
+        file.write(&path).expect("write");
+        let back = SnapshotFile::read(&path).expect("read").expect("present");
+        assert_eq!((back.index, back.term, back.data), (7, 2, data));
+
+        write_framed_file(&path, OLD_SNAPSHOT_MAGICS[0], &[b"x", b"y"]).expect("write old");
+        let err = SnapshotFile::read(&path)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("older Starcite (format 1)"), "{err}");
+    }
 }
