@@ -155,6 +155,8 @@ struct Progress {
     snapshot_since: Option<u64>,
     /// The commit index advanced since the last append sent to this peer.
     commit_unsent: bool,
+    /// Leader clock at which entries were last sent to this peer.
+    entries_sent_at: u64,
 }
 
 pub struct Raft<P> {
@@ -721,6 +723,7 @@ impl<P: Clone> Raft<P> {
                         acked_sent_at: 0,
                         snapshot_since: None,
                         commit_unsent: false,
+                        entries_sent_at: 0,
                     },
                 )
             })
@@ -798,6 +801,7 @@ impl<P: Clone> Raft<P> {
             if let Some(last) = entries.last() {
                 p.next = last.index + 1;
                 p.inflight += 1;
+                p.entries_sent_at = now;
             }
             p.last_send = now;
             p.commit_unsent = false;
@@ -1021,7 +1025,9 @@ impl<P: Clone> Raft<P> {
                 term,
                 success: true,
                 match_index: last_new,
-                hint: 0,
+                // On success the hint is where this log ends, so the leader can tell that
+                // entries it sent never arrived.
+                hint: self.log.last_index(),
                 sent_at,
             },
         );
@@ -1103,6 +1109,18 @@ impl<P: Clone> Raft<P> {
                 p.next = p.matched + 1;
             }
             p.inflight = p.inflight.saturating_sub(1);
+            // Answered a message sent after the last entries went out, the follower's log
+            // still ends before them: they were lost (a follower drops what arrives while it
+            // is starting). Send them again now; in an idle group no new entry would ever
+            // expose the gap, and a rejoining follower would never catch up and vote.
+            if p.snapshot_since.is_none()
+                && sent_at > p.entries_sent_at
+                && hint + 1 < p.next
+                && p.next > p.matched + 1
+            {
+                p.next = p.matched.max(hint) + 1;
+                p.inflight = 0;
+            }
             // In snapshot state, any success to a message sent after the snapshot was asked
             // for means the follower now holds at least that much: carry on from there. (If
             // this log was compacted again meanwhile, `send_append` asks for a newer
@@ -1613,5 +1631,78 @@ mod tests {
         // The connection drops (the follower restarts) with the snapshot in flight.
         l.peer_reconnected(2, 60);
         assert_eq!(l.take_ready().send_snapshot, vec![2]);
+    }
+
+    /// Runs the nodes' clocks from `from` to `to` (ms), delivering every message at once,
+    /// except that appends carrying entries to `lose_entries_to` are lost.
+    fn run_losing_entries(
+        nodes: &mut BTreeMap<NodeId, Raft<u32>>,
+        from: u64,
+        to: u64,
+        lose_entries_to: Option<NodeId>,
+    ) {
+        for now in (from..to).step_by(5) {
+            for r in nodes.values_mut() {
+                r.tick(now);
+            }
+            for _ in 0..20 {
+                let mut out = Vec::new();
+                for (&id, r) in nodes.iter_mut() {
+                    let ready = r.take_ready();
+                    if let Some(e) = ready.entries.last() {
+                        r.persisted(e.index, e.term);
+                    }
+                    for (dest, m) in ready.messages.into_iter().chain(ready.gated) {
+                        let carries_entries =
+                            matches!(&m, Message::Append { entries, .. } if !entries.is_empty());
+                        if !(Some(dest) == lose_entries_to && carries_entries) {
+                            out.push((id, dest, m));
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    break;
+                }
+                for (id, dest, m) in out {
+                    nodes.get_mut(&dest).unwrap().step(id, m, now);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn entries_lost_on_the_way_to_a_follower_are_sent_again_in_an_idle_group() {
+        let voters = [1, 2, 3];
+        let mut nodes = elected(&voters);
+        settle(&mut nodes, 2);
+        let last = nodes[&1].log().last_index();
+        // Node 3 loses its disk and comes back empty, rejoining (it may not vote).
+        let mut fresh = Config::new(3, voters.to_vec());
+        fresh.election_timeout_ms = 100;
+        fresh.heartbeat_ms = 20;
+        fresh.rejoining = true;
+        nodes.insert(3, Raft::new(fresh, Restored::default(), 0, |_| 16));
+        // Leadership moves to node 2 while every entry sent to node 3 is lost but heartbeats
+        // arrive and are answered (as when node 3 drops what comes while it is starting):
+        // the new leader knows nothing of node 3 (matched 0), and heartbeats checked against
+        // index 0 all succeed.
+        nodes.get_mut(&1).unwrap().transfer_leadership(2, 10);
+        run_losing_entries(&mut nodes, 10, 500, Some(3));
+        assert_eq!(leaders(&nodes), vec![2]);
+        assert_eq!(
+            nodes[&2].commit(),
+            last + 1,
+            "the new term's entry, on nodes 1 and 2"
+        );
+        assert_eq!(nodes[&3].log().last_index(), 0);
+        // Nothing new is proposed, nothing is lost any more: only heartbeats go out.
+        run_losing_entries(&mut nodes, 500, 3_000, None);
+        let n3 = &nodes[&3];
+        assert_eq!(
+            n3.log().last_index(),
+            last + 1,
+            "node 3 got the lost entries"
+        );
+        assert!(!n3.is_rejoining(), "and may vote again");
     }
 }
