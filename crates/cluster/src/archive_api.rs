@@ -79,12 +79,10 @@ impl Node {
                         backlog.sessions.push(session.view());
                     }
                     let from = session.archived_seq;
-                    if session.first_seq() > from + 1 && session.last_seq > from {
+                    if let Some(runs) = session.spilled_from(from, session.last_seq) {
                         // On local disk: this round takes the spilled part only.
-                        let upto = session.first_seq() - 1;
-                        let want = ((upto - from) as usize).min(remaining);
+                        let want = ((session.first_seq() - 1 - from) as usize).min(remaining);
                         remaining -= want;
-                        let runs = session.spilled_between(from, upto);
                         spilled.push((group.index, session_id.clone(), from, runs, want));
                         continue;
                     }

@@ -1057,9 +1057,8 @@ fn local_events(
                 first_hot: session.first_local_seq(),
             });
         }
-        if visible > after && session.first_seq() > after + 1 {
-            let upto = visible.min(session.first_seq() - 1);
-            return Ok(LocalEvents::Spilled(session.spilled_between(after, upto)));
+        if let Some(runs) = session.spilled_from(after, visible) {
+            return Ok(LocalEvents::Spilled(runs));
         }
         Ok(LocalEvents::Memory(
             session.events_between(after, visible, limit),

@@ -17,7 +17,7 @@ use starcite_storage::SpillStore;
 use std::sync::atomic::Ordering;
 
 /// Largest extent written for one run: what a reader needing one event of it reads at most.
-pub(crate) const MAX_RUN_BYTES: u64 = 1024 * 1024;
+const MAX_RUN_BYTES: u64 = 1024 * 1024;
 
 /// Reads the events of `runs` (one session's, in order) with `seq > after`, at most `limit`.
 /// Every event is checked to carry the seq its run says.

@@ -255,7 +255,7 @@ pub fn encode_state(state: &GroupState) -> bytes::Bytes {
 
 pub fn decode_state(data: &[u8], idempotency_window: u64) -> Result<GroupState, NodeError> {
     postcard::from_bytes::<GroupState>(data)
-        .map(|s| s.with_idempotency_window(idempotency_window))
+        .map(|s| s.restored(idempotency_window))
         .map_err(|e| NodeError::Startup(format!("snapshot cannot be decoded: {e}")))
 }
 

@@ -114,8 +114,31 @@ impl Session {
             .collect()
     }
 
+    /// The spilled runs holding the events from `after + 1` (up to `upto`), when that is
+    /// where they start on this replica; `None` when they start in memory or there are none.
+    pub fn spilled_from(&self, after: u64, upto: u64) -> Option<Vec<SpillRun>> {
+        if upto <= after || self.first_seq <= after + 1 {
+            return None;
+        }
+        Some(self.spilled_between(after, upto.min(self.first_seq - 1)))
+    }
+
     pub fn spilled_runs(&self) -> impl Iterator<Item = &SpillRun> {
         self.spilled.iter()
+    }
+
+    /// Drops the events below `seq` from memory. Returns how many, and the memory freed.
+    fn drop_memory_before(&mut self, seq: u64) -> (u64, u64) {
+        let (mut count, mut bytes) = (0, 0);
+        while self.first_seq < seq {
+            let Some(e) = self.events.pop_front() else {
+                break;
+            };
+            bytes += event_cost(&e);
+            self.first_seq += 1;
+            count += 1;
+        }
+        (count, bytes)
     }
 
     /// The answer for an append carrying `key` if the key is remembered: a dedupe when the
@@ -265,7 +288,7 @@ impl GroupState {
 
     /// Prepares a decoded state: the window is configuration, not data (a restarted node
     /// adopts its current setting), and the memory count is derived.
-    pub fn with_idempotency_window(mut self, window: u64) -> Self {
+    pub fn restored(mut self, window: u64) -> Self {
         self.idempotency_window = window.max(1);
         self.hot_bytes = self
             .sessions
@@ -287,15 +310,9 @@ impl GroupState {
         let before = self.hot_bytes;
         for session in self.sessions.values_mut() {
             // With spilled runs, memory starts above the archive mark: nothing to drop.
-            if !session.spilled.is_empty() {
-                continue;
-            }
-            while session.first_seq <= session.archived_seq {
-                let Some(e) = session.events.pop_front() else {
-                    break;
-                };
-                self.hot_bytes -= event_cost(&e);
-                session.first_seq += 1;
+            if session.spilled.is_empty() {
+                let (_, bytes) = session.drop_memory_before(session.archived_seq + 1);
+                self.hot_bytes -= bytes;
             }
         }
         before - self.hot_bytes
@@ -520,15 +537,8 @@ impl GroupState {
             session.spilled.pop_front();
         }
         let keep_from = mark.archived_seq.saturating_sub(keep_hot) + 1;
-        let mut trimmed = 0;
-        while session.first_seq < keep_from {
-            let Some(e) = session.events.pop_front() else {
-                break;
-            };
-            self.hot_bytes -= event_cost(&e);
-            session.first_seq += 1;
-            trimmed += 1;
-        }
+        let (trimmed, bytes) = session.drop_memory_before(keep_from);
+        self.hot_bytes -= bytes;
         Some(trimmed)
     }
 }
@@ -831,6 +841,17 @@ mod tests {
         }
     }
 
+    /// The archive acknowledgement of one session's events up to `archived_seq`.
+    fn archive_ack(session_id: &str, archived_seq: u64, keep_hot: u64) -> Command {
+        Command::ArchiveAck(ArchiveAckCommand {
+            marks: vec![ArchiveMark {
+                session_id: session_id.into(),
+                archived_seq,
+            }],
+            keep_hot,
+        })
+    }
+
     #[test]
     fn spilled_events_leave_memory_and_come_back() {
         let mut s = GroupState::new(100);
@@ -858,6 +879,10 @@ mod tests {
         assert_eq!((session.first_local_seq(), session.first_seq()), (1, 4));
         assert_eq!(session.spilled_between(0, 5).len(), 1);
         assert_eq!(session.spilled_between(3, 5).len(), 0);
+        assert_eq!(session.spilled_from(0, 5).map(|r| r.len()), Some(1));
+        assert_eq!(session.spilled_from(1, 2).map(|r| r.len()), Some(1));
+        assert_eq!(session.spilled_from(3, 5), None, "starts in memory");
+        assert_eq!(session.spilled_from(2, 2), None, "nothing after the cursor");
         assert_eq!(s.spill_segments().into_iter().collect::<Vec<_>>(), vec![7]);
         assert!(s.hot_bytes() < full);
         // Shipping the state elsewhere: the spilled events go back in memory.
@@ -872,14 +897,10 @@ mod tests {
         );
         // Archiving past a run drops it; the archived events still in memory are dropped
         // (not spilled) by the next spill.
-        let ack = Command::ArchiveAck(ArchiveAckCommand {
-            marks: vec![ArchiveMark {
-                session_id: "a".into(),
-                archived_seq: 4,
-            }],
-            keep_hot: 100,
-        });
-        assert_eq!(s.apply(&ack), Applied::Archived { trimmed: 0 });
+        assert_eq!(
+            s.apply(&archive_ack("a", 4, 100)),
+            Applied::Archived { trimmed: 0 }
+        );
         assert!(s.spill_segments().is_empty());
         assert_eq!(s.session("a").unwrap().first_local_seq(), 4);
         let before = s.hot_bytes();
@@ -923,13 +944,7 @@ mod tests {
                     }
                     TierOp::Archive { upto_percent, keep_hot } => {
                         let last = s.session("a").unwrap().last_seq;
-                        s.apply(&Command::ArchiveAck(ArchiveAckCommand {
-                            marks: vec![ArchiveMark {
-                                session_id: "a".into(),
-                                archived_seq: last * u64::from(upto_percent) / 100,
-                            }],
-                            keep_hot,
-                        }));
+                        s.apply(&archive_ack("a", last * u64::from(upto_percent) / 100, keep_hot));
                     }
                     TierOp::Spill { max_run_bytes } => {
                         for chunk in s.take_spillable(max_run_bytes) {
@@ -957,7 +972,7 @@ mod tests {
                     seq += 1;
                 }
                 prop_assert_eq!(seq, session.last_seq + 1);
-                prop_assert_eq!(s.hot_bytes(), s.clone().with_idempotency_window(10).hot_bytes());
+                prop_assert_eq!(s.hot_bytes(), s.clone().restored(10).hot_bytes());
             }
         }
     }

@@ -1271,6 +1271,15 @@ mod tests {
 
     /// Delivers every message between the nodes until none is left, persisting at once.
     fn settle(nodes: &mut BTreeMap<NodeId, Raft<u32>>, now: u64) {
+        settle_losing(nodes, now, |_, _| false);
+    }
+
+    /// As [`settle`], except that the messages for which `lost(to, message)` holds are lost.
+    fn settle_losing(
+        nodes: &mut BTreeMap<NodeId, Raft<u32>>,
+        now: u64,
+        lost: impl Fn(NodeId, &Message<u32>) -> bool,
+    ) {
         for _ in 0..100 {
             let mut out = Vec::new();
             for (&id, r) in nodes.iter_mut() {
@@ -1279,7 +1288,9 @@ mod tests {
                     r.persisted(last.index, last.term);
                 }
                 for (to, m) in ready.messages.into_iter().chain(ready.gated) {
-                    out.push((id, to, m));
+                    if !lost(to, &m) {
+                        out.push((id, to, m));
+                    }
                 }
             }
             if out.is_empty() {
@@ -1645,28 +1656,10 @@ mod tests {
             for r in nodes.values_mut() {
                 r.tick(now);
             }
-            for _ in 0..20 {
-                let mut out = Vec::new();
-                for (&id, r) in nodes.iter_mut() {
-                    let ready = r.take_ready();
-                    if let Some(e) = ready.entries.last() {
-                        r.persisted(e.index, e.term);
-                    }
-                    for (dest, m) in ready.messages.into_iter().chain(ready.gated) {
-                        let carries_entries =
-                            matches!(&m, Message::Append { entries, .. } if !entries.is_empty());
-                        if !(Some(dest) == lose_entries_to && carries_entries) {
-                            out.push((id, dest, m));
-                        }
-                    }
-                }
-                if out.is_empty() {
-                    break;
-                }
-                for (id, dest, m) in out {
-                    nodes.get_mut(&dest).unwrap().step(id, m, now);
-                }
-            }
+            settle_losing(nodes, now, |dest, m| {
+                Some(dest) == lose_entries_to
+                    && matches!(m, Message::Append { entries, .. } if !entries.is_empty())
+            });
         }
     }
 
