@@ -111,6 +111,23 @@ pub(crate) fn jsonb_text(raw: &str) -> String {
     }
 }
 
+/// A node of a cluster without a shared Postgres reads what it archived back from its own
+/// embedded file.
+impl starcite_cluster::ArchiveReader for Archive {
+    fn read_events<'a>(
+        &'a self,
+        session_id: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> futures_util::future::BoxFuture<'a, Result<Vec<Bytes>, String>> {
+        Box::pin(async move {
+            Archive::read_events(self, session_id, after, limit)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 pub enum Archive {
     Postgres(postgres::PgArchive),
     Sqlite(sqlite::SqliteArchive),

@@ -7,7 +7,8 @@
 //! [`crate::history`] judges the record.
 
 use crate::history::{
-    self, Ack, ArchivedRow, Conflict, Delivery, History, NodeHistory, TailLog, Violation,
+    self, Ack, ArchiveCopy, ArchivedRow, Conflict, Delivery, History, NodeHistory, TailLog,
+    Violation,
 };
 use clap::{Args, ValueEnum};
 use futures_util::StreamExt;
@@ -1377,11 +1378,11 @@ async fn read_history(
     }
 }
 
-/// Waits until the archive holds at least `last_seq` rows per session, then reads them.
+/// Waits until the shared archive holds at least `last_seq` rows per session, then reads them.
 async fn read_archive(
     url: &str,
     last_seq: &BTreeMap<String, u64>,
-) -> Result<(BTreeMap<String, Vec<ArchivedRow>>, f64), String> {
+) -> Result<(ArchiveCopy, f64), String> {
     use sqlx::{Connection, Row};
     let started = Instant::now();
     let mut conn = loop {
@@ -1429,20 +1430,124 @@ async fn read_archive(
             .fetch_all(&mut conn)
             .await
             .map_err(|e| format!("archive read of {id}: {e}"))?;
-        let mut list = Vec::with_capacity(rows.len());
-        for row in rows {
-            let seq: i64 = row.try_get(0).map_err(|e| e.to_string())?;
-            let frame: Option<String> = row.try_get(1).map_err(|e| e.to_string())?;
-            list.push(ArchivedRow {
-                seq: seq.max(0) as u64,
-                frame: frame
-                    .and_then(|f| serde_json::from_str(&f).ok())
-                    .map(compact_event),
-            });
-        }
+        let list = rows
+            .iter()
+            .map(|row| archived_row(row.try_get(0), row.try_get(1)))
+            .collect::<Result<_, _>>()?;
         out.insert(id.clone(), list);
     }
+    let copy = ArchiveCopy {
+        name: "archive".into(),
+        rows: out,
+        holds_every_session: true,
+    };
+    Ok((copy, waited))
+}
+
+/// One archived row as the checker keeps it, from the `seq` and `frame` columns.
+fn archived_row(
+    seq: Result<i64, sqlx::Error>,
+    frame: Result<Option<String>, sqlx::Error>,
+) -> Result<ArchivedRow, String> {
+    let seq = seq.map_err(|e| e.to_string())?;
+    let frame = frame.map_err(|e| e.to_string())?;
+    Ok(ArchivedRow {
+        seq: seq.max(0) as u64,
+        frame: frame
+            .and_then(|f| serde_json::from_str(&f).ok())
+            .map(compact_event),
+    })
+}
+
+/// Without Postgres each node archives the sessions it replicates to its own SQLite file:
+/// waits until every session has `copies` whole copies among the files, then reads them all.
+async fn read_node_archives(
+    files: &[(String, PathBuf)],
+    last_seq: &BTreeMap<String, u64>,
+    copies: usize,
+) -> Result<(Vec<ArchiveCopy>, f64), String> {
+    use sqlx::{Connection, Row};
+    let started = Instant::now();
+    loop {
+        let mut whole: HashMap<&str, usize> = HashMap::new();
+        for (_, path) in files {
+            for (id, count) in sqlite_counts(path).await? {
+                if let Some((id, _)) = last_seq.get_key_value(&id).filter(|(_, &n)| count >= n) {
+                    *whole.entry(id.as_str()).or_default() += 1;
+                }
+            }
+        }
+        let behind = last_seq
+            .keys()
+            .filter(|id| whole.get(id.as_str()).copied().unwrap_or(0) < copies)
+            .count();
+        if behind == 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            println!("  the nodes' archives are still behind on {behind} sessions after 120 s");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let waited = started.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    for (node, path) in files {
+        let mut rows = BTreeMap::new();
+        if path.exists() {
+            let mut conn = sqlite_connect(path).await?;
+            for id in last_seq.keys() {
+                let list =
+                    sqlx::query("SELECT seq, frame FROM events WHERE session_id = ? ORDER BY seq")
+                        .bind(id)
+                        .fetch_all(&mut conn)
+                        .await
+                        .map_err(|e| format!("archive of {node}, read of {id}: {e}"))?
+                        .iter()
+                        .map(|row| archived_row(row.try_get(0), row.try_get(1)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                rows.insert(id.clone(), list);
+            }
+            let _ = conn.close().await;
+        }
+        out.push(ArchiveCopy {
+            name: format!("archive of {node}"),
+            rows,
+            holds_every_session: false,
+        });
+    }
     Ok((out, waited))
+}
+
+async fn sqlite_connect(path: &Path) -> Result<sqlx::SqliteConnection, String> {
+    use sqlx::Connection;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(Duration::from_secs(10));
+    sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
+/// Rows per session in a node's archive file (none if it does not exist yet).
+async fn sqlite_counts(path: &Path) -> Result<Vec<(String, u64)>, String> {
+    use sqlx::{Connection, Row};
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut conn = sqlite_connect(path).await?;
+    let rows = sqlx::query("SELECT session_id, count(*) FROM event_frames GROUP BY session_id")
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| format!("count in {}: {e}", path.display()))?;
+    let _ = conn.close().await;
+    rows.iter()
+        .map(|r| {
+            let id: String = r.try_get(0).map_err(|e| e.to_string())?;
+            let n: i64 = r.try_get(1).map_err(|e| e.to_string())?;
+            Ok((id, n.max(0) as u64))
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1458,7 +1563,8 @@ pub struct DrillReport {
     sessions: usize,
     tailers: usize,
     fault_every_ms: u64,
-    postgres: String,
+    /// The cold archive: a throwaway or given Postgres, or each node's own file.
+    archive: String,
     temp_dir: String,
     appends_acked: u64,
     dedupes: u64,
@@ -1623,7 +1729,7 @@ fn print_report(r: &DrillReport) {
             .unwrap_or_else(|| "-".into())
     );
     if let Some(w) = r.archive_wait_s {
-        println!("  archive ({}) caught up {w:.1}s after the end", r.postgres);
+        println!("  archive ({}) caught up {w:.1}s after the end", r.archive);
     }
     for s in r.error_samples.iter().take(5) {
         println!("  server error sample: {s}");
@@ -2096,19 +2202,29 @@ async fn drill_on(
             .await
             .unwrap_or(0.0) as u64;
     }
-    let (archive, archive_wait_s) = match &pg_url {
-        Some(url) => match read_archive(url, &last_seq).await {
-            Ok((rows, waited)) => (Some(rows), Some(waited)),
-            Err(e) => {
-                drill_violations.push(Violation {
-                    kind: "archive_unreadable",
-                    session: String::new(),
-                    detail: e,
-                });
-                (None, None)
+    let read = match &pg_url {
+        Some(url) => read_archive(url, &last_seq)
+            .await
+            .map(|(copy, waited)| (vec![copy], waited)),
+        None => {
+            let mut files = Vec::new();
+            for node in &cluster.nodes {
+                let node = node.lock().await;
+                files.push((node.name.clone(), node.data_dir.join("archive.sqlite3")));
             }
-        },
-        None => (None, None),
+            read_node_archives(&files, &last_seq, n.min(3)).await
+        }
+    };
+    let (archives, archive_wait_s) = match read {
+        Ok((archives, waited)) => (archives, Some(waited)),
+        Err(e) => {
+            drill_violations.push(Violation {
+                kind: "archive_unreadable",
+                session: String::new(),
+                detail: e,
+            });
+            (Vec::new(), None)
+        }
     };
 
     // The record, and the verdict.
@@ -2117,7 +2233,12 @@ async fn drill_on(
         last_seq,
         nodes,
         tails,
-        archive,
+        archive_copies_per_session: if pg_url.is_some() || archives.is_empty() {
+            0
+        } else {
+            n.min(3)
+        },
+        archives,
         ..History::default()
     };
     let mut unacked = 0;
@@ -2167,12 +2288,12 @@ async fn drill_on(
         sessions: args.sessions,
         tailers: args.tailers,
         fault_every_ms: args.fault_every_ms,
-        postgres: if args.postgres_throwaway {
-            "throwaway".into()
+        archive: if args.postgres_throwaway {
+            "throwaway Postgres".into()
         } else if args.postgres_url.is_some() {
-            "url".into()
+            "Postgres".into()
         } else {
-            "none (embedded archive per node)".into()
+            "each node's own SQLite file".into()
         },
         temp_dir: dir.display().to_string(),
         appends_acked: Counters::get(&c.acked),

@@ -71,8 +71,22 @@ pub struct History {
     /// The first node is the reference the others and the tails are compared with.
     pub nodes: Vec<NodeHistory>,
     pub tails: Vec<TailLog>,
-    /// The archive's rows per session in `ORDER BY seq`, when a shared archive was used.
-    pub archive: Option<BTreeMap<String, Vec<ArchivedRow>>>,
+    /// The archives read at the end: one shared (Postgres), or each node's own file.
+    pub archives: Vec<ArchiveCopy>,
+    /// How many of the nodes' own archives must hold each session whole (its replicas);
+    /// 0 with a shared archive.
+    pub archive_copies_per_session: usize,
+}
+
+/// What one archive holds: its rows per session, in `ORDER BY seq`.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveCopy {
+    /// `archive` for the shared one, `archive of n2` for a node's own.
+    pub name: String,
+    pub rows: BTreeMap<String, Vec<ArchivedRow>>,
+    /// A shared archive must hold every session; a node's own holds only those the node
+    /// replicates (each of them whole).
+    pub holds_every_session: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -509,14 +523,18 @@ pub fn check(h: &History) -> Vec<Violation> {
         }
     }
 
-    // The shared archive.
-    if let Some(archive) = &h.archive {
+    // The archives: each holds every session it has rows of whole and as the nodes do.
+    for archive in &h.archives {
         for session in &h.sessions {
             let last_seq = h.last_seq.get(session).copied().unwrap_or(0);
             let empty = Vec::new();
-            let rows = archive.get(session).unwrap_or(&empty);
+            let rows = match archive.rows.get(session) {
+                Some(rows) if !rows.is_empty() => rows,
+                _ if !archive.holds_every_session => continue,
+                _ => &empty,
+            };
             check_sequence(
-                "archive",
+                &archive.name,
                 session,
                 rows.iter().map(|r| Some(r.seq)),
                 last_seq,
@@ -539,9 +557,32 @@ pub fn check(h: &History) -> Vec<Violation> {
                     out.push(violation(
                         "archive_mismatch",
                         session,
-                        format!("archive seq {} holds {frame}, nodes hold {stored}", row.seq),
+                        format!(
+                            "{} seq {} holds {frame}, nodes hold {stored}",
+                            archive.name, row.seq
+                        ),
                     ));
                 }
+            }
+        }
+    }
+    // Without a shared archive, each session is in its replicas' own archives.
+    if h.archive_copies_per_session > 0 {
+        for session in &h.sessions {
+            let copies = h
+                .archives
+                .iter()
+                .filter(|a| a.rows.get(session).is_some_and(|r| !r.is_empty()))
+                .count();
+            if copies < h.archive_copies_per_session {
+                out.push(violation(
+                    "archive_copies_missing",
+                    session,
+                    format!(
+                        "in {copies} nodes' archives, {} expected",
+                        h.archive_copies_per_session
+                    ),
+                ));
             }
         }
     }
@@ -637,17 +678,23 @@ mod tests {
                 .collect(),
             nodes,
             tails: vec![tail(&events)],
-            archive: Some(BTreeMap::from([(
-                S.to_string(),
-                events
-                    .iter()
-                    .map(|e| ArchivedRow {
-                        seq: event_seq(e).unwrap(),
-                        frame: Some(e.clone()),
-                    })
-                    .collect(),
-            )])),
+            archives: vec![ArchiveCopy {
+                name: "archive".into(),
+                rows: BTreeMap::from([(S.to_string(), archived_rows(&events))]),
+                holds_every_session: true,
+            }],
+            archive_copies_per_session: 0,
         }
+    }
+
+    fn archived_rows(events: &[Value]) -> Vec<ArchivedRow> {
+        events
+            .iter()
+            .map(|e| ArchivedRow {
+                seq: event_seq(e).unwrap(),
+                frame: Some(e.clone()),
+            })
+            .collect()
     }
 
     fn kinds(h: &History) -> Vec<&'static str> {
@@ -818,10 +865,34 @@ mod tests {
         assert!(k.contains(&"tail_event_mismatch"), "{k:?}");
     }
 
+    /// Each node's own archive: sessions it does not replicate are absent (fine), those it
+    /// does must be whole, and each session must be in as many as it has replicas.
+    #[test]
+    fn checks_each_nodes_own_archive_over_the_sessions_it_holds() {
+        let mut h = clean();
+        let events = h.nodes[0].sessions[S].clone();
+        let own = |name: &str, rows: Vec<ArchivedRow>| ArchiveCopy {
+            name: name.into(),
+            rows: BTreeMap::from([(S.to_string(), rows)]),
+            holds_every_session: false,
+        };
+        h.archives = vec![
+            own("archive of n1", archived_rows(&events)),
+            own("archive of n2", archived_rows(&events)),
+            own("archive of n3", Vec::new()),
+        ];
+        h.archive_copies_per_session = 2;
+        assert_eq!(kinds(&h), Vec::<&str>::new());
+        h.archive_copies_per_session = 3;
+        assert_eq!(kinds(&h), vec!["archive_copies_missing"]);
+        h.archives[2] = own("archive of n3", archived_rows(&events[..3]));
+        assert_eq!(kinds(&h), vec!["archive_gap"]);
+    }
+
     #[test]
     fn reports_archive_gaps_and_duplicates() {
         let mut h = clean();
-        let rows = h.archive.as_mut().unwrap().get_mut(S).unwrap();
+        let rows = h.archives[0].rows.get_mut(S).unwrap();
         rows.remove(1);
         rows.push(ArchivedRow {
             seq: 5,
@@ -841,7 +912,7 @@ mod tests {
         set_all_nodes(&mut h, events.clone());
         h.last_seq.insert(S.into(), 4);
         h.tails = vec![tail(&events)];
-        h.archive = None;
+        h.archives.clear();
         assert_eq!(kinds(&h), vec!["ack_lost"; 3]);
     }
 
@@ -851,7 +922,7 @@ mod tests {
         for node in &mut h.nodes {
             node.sessions.clear();
         }
-        h.archive = None;
+        h.archives.clear();
         let k = kinds(&h);
         assert_eq!(k, vec!["session_missing"; 3], "{k:?}");
     }

@@ -1,13 +1,76 @@
-//! What the archiver needs from the node: the committed, unarchived events of the groups this
-//! node leads, and a way to replicate what the archive now holds.
+//! What the archiver needs from the node: the committed, unarchived events of the groups it
+//! archives, and a way to record what the archive now holds.
+//!
+//! Two arrangements. With a shared archive (Postgres, or a single node's embedded file), each
+//! group's leader archives and replicates the marks through Raft, so every replica trims.
+//! Without one, in a cluster, every replica archives its groups to its own embedded file and
+//! applies its marks locally: like spilling, that changes where a replica keeps its events,
+//! never what they are. Such a replica reads what it trimmed back from its own archive, and a
+//! snapshot it sends carries those events (the receiver's archive may not have them).
 
 use crate::node::Node;
 use crate::NodeError;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use starcite_core::{first_missing_seq, GroupState};
 use starcite_core::{
     group_of, Applied, ArchiveAckCommand, ArchiveMark, Command, SessionView, SpillRun,
 };
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Reading events back from an archive: the shared one (by the API's reader) or, in a
+/// cluster where each node archives to its own embedded file, this replica's own.
+pub trait ArchiveReader: Send + Sync {
+    /// Up to `limit` archived events of the session with `seq > after`, oldest first.
+    fn read_events<'a>(
+        &'a self,
+        session_id: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, String>>;
+}
+
+/// Why events could not be read from an archive.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveReadError {
+    /// The archive could not be reached: the events exist and can be read later.
+    #[error("archive read failed: {0}")]
+    Down(String),
+    /// The events should be in the archive and are not: a hole that must not be skipped.
+    #[error("the archive is missing event {seq} of session {session_id} (events {from}..{to} should be there)")]
+    Missing {
+        session_id: String,
+        seq: u64,
+        from: u64,
+        to: u64,
+    },
+}
+
+/// Events `after + 1 ..` below `first_hot` (at most `limit`) from `archive`, each checked to
+/// be the event asked for.
+pub async fn read_archived(
+    archive: &dyn ArchiveReader,
+    session_id: &str,
+    after: u64,
+    first_hot: u64,
+    limit: usize,
+) -> Result<Vec<Bytes>, ArchiveReadError> {
+    let want = (first_hot.saturating_sub(after + 1) as usize).min(limit);
+    let frames = archive
+        .read_events(session_id, after, want)
+        .await
+        .map_err(ArchiveReadError::Down)?;
+    match first_missing_seq(&frames, after, want) {
+        Some(seq) => Err(ArchiveReadError::Missing {
+            session_id: session_id.to_owned(),
+            seq,
+            from: after + 1,
+            to: first_hot - 1,
+        }),
+        None => Ok(frames),
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct ArchiveBacklog {
@@ -52,18 +115,33 @@ pub struct ArchiveLag {
 }
 
 impl Node {
-    fn led_groups(&self) -> impl Iterator<Item = &crate::group::Group> {
-        self.groups.iter().filter(|g| self.leads(g))
+    /// The groups this node archives: those it leads, or with a per-replica archive, every
+    /// group it replicates.
+    fn archived_groups(&self) -> impl Iterator<Item = &crate::group::Group> {
+        let per_replica = self.config().per_replica_archive;
+        self.groups.iter().filter(move |g| {
+            if per_replica {
+                g.is_member()
+            } else {
+                self.leads(g)
+            }
+        })
     }
 
-    /// Collects up to `budget` committed, unarchived events of the groups this node leads
+    /// Attaches this replica's own archive (with `per_replica_archive`): until then, reads of
+    /// events it trimmed and snapshot transfers wait, as `unavailable`.
+    pub fn attach_local_archive(&self, archive: Arc<dyn ArchiveReader>) {
+        let _ = self.local_archive.set(archive);
+    }
+
+    /// Collects up to `budget` committed, unarchived events of the groups this node archives
     /// (each session's run starts right after its archive mark, so acknowledging a run never
     /// leaves a hole). Spilled events are read back from local disk.
     pub async fn archive_backlog(&self, budget: usize) -> ArchiveBacklog {
         let mut backlog = ArchiveBacklog::default();
         let mut spilled: Vec<(u32, String, u64, Vec<SpillRun>, usize)> = Vec::new();
         let mut remaining = budget;
-        for group in self.led_groups() {
+        for group in self.archived_groups() {
             if remaining == 0 {
                 break;
             }
@@ -143,9 +221,10 @@ impl Node {
         }
     }
 
-    /// Replicates that events `1..=archived_seq` of each session are in the archive; every
-    /// replica then keeps only the newest `keep_hot` of them in memory. One command per
-    /// group. Returns how many events left this node's memory.
+    /// Records that events `1..=archived_seq` of each session are in the archive; every
+    /// replica (with a per-replica archive, this one) then keeps only the newest `keep_hot` of
+    /// them in memory. One command per group, replicated or, with a per-replica archive,
+    /// applied here only. Returns how many events left this node's memory.
     pub async fn acknowledge_archived(
         &self,
         marks: &[(String, u64)],
@@ -160,6 +239,19 @@ impl Node {
                     session_id: session_id.clone(),
                     archived_seq: *archived_seq,
                 });
+        }
+        if self.config().per_replica_archive {
+            let mut trimmed = 0;
+            for (group, marks) in per_group {
+                let cmd = Command::ArchiveAck(ArchiveAckCommand { marks, keep_hot });
+                let answer = self.groups[group as usize]
+                    .shared
+                    .update(|d| d.apply_command(&cmd));
+                if let Applied::Archived { trimmed: n } = answer {
+                    trimmed += n;
+                }
+            }
+            return Ok(trimmed);
         }
         let deadline = std::time::Instant::now() + self.config().request_timeout;
         let results =
@@ -181,7 +273,7 @@ impl Node {
 
     pub fn archive_lag(&self) -> ArchiveLag {
         let mut lag = ArchiveLag::default();
-        for group in self.led_groups() {
+        for group in self.archived_groups() {
             group.shared.read(|d| {
                 lag.pending_sessions += d.unarchived.len() as u64;
                 for session in d.state.sessions() {
@@ -191,5 +283,51 @@ impl Node {
             });
         }
         lag
+    }
+
+    /// Events `after + 1 ..` (below `first_hot`, at most `limit`) from this replica's own
+    /// archive, each checked to be the event asked for.
+    pub(crate) async fn read_own_archive(
+        &self,
+        session_id: &str,
+        after: u64,
+        first_hot: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, NodeError> {
+        let archive = self.local_archive.get().ok_or_else(|| {
+            NodeError::Unavailable(format!(
+                "events {}..{} of session {session_id} are in this node's archive, which is not open yet",
+                after + 1,
+                first_hot - 1
+            ))
+        })?;
+        read_archived(archive.as_ref(), session_id, after, first_hot, limit)
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("this node's archive: {e}")))
+    }
+
+    /// Makes a state decoded from this node's snapshot file independent of its archive: the
+    /// events it archived are read back into memory and every archive mark is cleared, for a
+    /// replica whose archive is its own. Call after the spilled runs are read back (memory
+    /// then starts where the archive ends). Blocking: call from a blocking thread of the
+    /// runtime.
+    pub(crate) fn unarchive_for_transfer(&self, state: &mut GroupState) -> Result<(), NodeError> {
+        let runtime = tokio::runtime::Handle::current();
+        let archived: Vec<(String, u64)> = state
+            .sessions()
+            .filter(|s| s.archived_seq > 0 || s.first_seq() > 1)
+            .map(|s| (s.id.clone(), s.first_seq()))
+            .collect();
+        for (session_id, first_hot) in archived {
+            let events = if first_hot > 1 {
+                runtime.block_on(self.read_own_archive(&session_id, 0, first_hot, usize::MAX))?
+            } else {
+                Vec::new()
+            };
+            state
+                .unarchive(&session_id, events)
+                .map_err(NodeError::Unavailable)?;
+        }
+        Ok(())
     }
 }

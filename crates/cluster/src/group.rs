@@ -441,7 +441,8 @@ impl Node {
         Ok(())
     }
 
-    /// The group's snapshot file as a follower can install it: spilled runs read back in.
+    /// The group's snapshot file as a follower can install it: spilled runs read back in,
+    /// and with a per-replica archive, archived events too.
     /// Blocking.
     fn snapshot_for_transfer(&self, g: &Group) -> Result<Option<SnapshotFile>, NodeError> {
         // Held so that no segment the file refers to is deleted while it is read.
@@ -456,11 +457,15 @@ impl Node {
         let Some(mut file) = file else {
             return Ok(None);
         };
-        if g.snapshot_spill.lock().is_empty() {
+        let per_replica_archive = self.config().per_replica_archive;
+        if g.snapshot_spill.lock().is_empty() && !per_replica_archive {
             return Ok(Some(file));
         }
         let mut state = file.decode(self.config().idempotency_window)?;
         self.unspill_for_transfer(g.index, &mut state)?;
+        if per_replica_archive {
+            self.unarchive_for_transfer(&mut state)?;
+        }
         file.data = crate::state_machine::encode_state(&state);
         Ok(Some(file))
     }

@@ -17,6 +17,8 @@ mod spill;
 pub mod state_machine;
 pub mod transport;
 
-pub use archive_api::{ArchiveBacklog, ArchiveLag, ArchiveRun};
+pub use archive_api::{
+    read_archived, ArchiveBacklog, ArchiveLag, ArchiveReadError, ArchiveReader, ArchiveRun,
+};
 pub use error::NodeError;
 pub use node::{AppendOutcome, ClusterState, Node, NodeConfig, NodeStats, Subscription};

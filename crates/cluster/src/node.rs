@@ -65,6 +65,10 @@ pub struct NodeConfig {
     /// Memory the events held hot may take (all groups); past it, events move to the
     /// spill store on local disk.
     pub hot_max_bytes: u64,
+    /// Each replica archives to its own embedded archive (a cluster without a shared
+    /// Postgres) instead of the leader archiving for all: archive marks are then this
+    /// replica's, applied locally, never replicated; see [`crate::ArchiveReader`].
+    pub per_replica_archive: bool,
 }
 
 impl NodeConfig {
@@ -84,6 +88,7 @@ impl NodeConfig {
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(500),
             hot_max_bytes: 256 * 1024 * 1024,
+            per_replica_archive: false,
         }
     }
 
@@ -145,6 +150,8 @@ pub struct Node {
     pub(crate) groups: Vec<Group>,
     pub(crate) transport: Option<Arc<Transport>>,
     pub(crate) spill: Arc<SpillStore>,
+    /// This replica's own archive, with `per_replica_archive` (attached once it is open).
+    pub(crate) local_archive: std::sync::OnceLock<Arc<dyn crate::ArchiveReader>>,
     inflight: Semaphore,
     pub(crate) counters: Counters,
     recovery_records: u64,
@@ -315,6 +322,7 @@ impl Node {
             groups,
             transport,
             spill,
+            local_archive: Default::default(),
             counters: Counters::default(),
             recovery_records: stats.records,
             recovery_millis: AtomicU64::new(0),
@@ -855,8 +863,9 @@ impl Node {
         }
     }
 
-    /// Events of a session this node replicates, from memory or its spill store (the
-    /// archive is the caller's business: `Trimmed` says where it starts).
+    /// Events of a session this node replicates, from memory or its spill store (or its own
+    /// archive, with `per_replica_archive`; otherwise the archive is the caller's business:
+    /// `Trimmed` says where it starts).
     async fn read_local(
         &self,
         group: &Group,
@@ -866,9 +875,17 @@ impl Node {
     ) -> Result<Vec<Bytes>, NodeError> {
         let mut attempts = 0;
         loop {
-            let runs = match local_events(&group.shared, session_id, after, limit)? {
-                LocalEvents::Memory(events) => return Ok(events),
-                LocalEvents::Spilled(runs) => runs,
+            let runs = match local_events(&group.shared, session_id, after, limit) {
+                Ok(LocalEvents::Memory(events)) => return Ok(events),
+                Ok(LocalEvents::Spilled(runs)) => runs,
+                // This replica's archive marks are its own: only its own archive can serve
+                // them, for a caller here or on another node.
+                Err(NodeError::Trimmed { first_hot, .. }) if self.config.per_replica_archive => {
+                    return self
+                        .read_own_archive(session_id, after, first_hot, limit)
+                        .await;
+                }
+                Err(e) => return Err(e),
             };
             let store = self.spill.clone();
             let (index, id) = (group.index, session_id.to_owned());

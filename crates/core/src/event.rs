@@ -68,6 +68,17 @@ pub fn frame_seq(frame: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
+/// The first of the seqs `after + 1 ..= after + want` that `frames` does not carry in its
+/// place, if any: a tier that answers a read with fewer or other events than asked for has a
+/// hole, which a reader must report rather than skip.
+pub fn first_missing_seq(frames: &[impl AsRef<[u8]>], after: u64, want: usize) -> Option<u64> {
+    let misplaced = (after + 1..)
+        .zip(frames)
+        .find(|(seq, frame)| frame_seq(frame.as_ref()) != Some(*seq))
+        .map(|(seq, _)| seq);
+    misplaced.or_else(|| (frames.len() < want).then(|| after + 1 + frames.len() as u64))
+}
+
 pub fn frame_with_seq(seq: u64, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 28);
     out.extend_from_slice(b"{\"seq\":");
@@ -87,6 +98,21 @@ mod tests {
         assert_eq!(frame_seq(br#"{"seq":1}"#), Some(1));
         assert_eq!(frame_seq(br#"{"type":"t","seq":1}"#), None);
         assert_eq!(frame_seq(b""), None);
+    }
+
+    #[test]
+    fn finds_the_first_event_out_of_place() {
+        let frames = [&br#"{"seq":5}"#[..], br#"{"seq":6}"#, br#"{"seq":8}"#];
+        assert_eq!(first_missing_seq(&frames[..2], 4, 2), None);
+        assert_eq!(first_missing_seq(&frames[..2], 4, 3), Some(7), "one short");
+        assert_eq!(first_missing_seq(&frames, 4, 3), Some(7), "a gap");
+        assert_eq!(
+            first_missing_seq(&frames, 3, 3),
+            Some(4),
+            "not the events asked for"
+        );
+        assert_eq!(first_missing_seq(&[] as &[&[u8]], 3, 0), None);
+        assert_eq!(first_missing_seq(&[] as &[&[u8]], 3, 1), Some(4));
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub mod time;
 pub mod validate;
 
 pub use command::{AppendCommand, ArchiveAckCommand, ArchiveMark, Command, CreateCommand};
-pub use event::{frame_seq, frame_with_seq, render_event, render_event_body, EventFields};
+pub use event::{
+    first_missing_seq, frame_seq, frame_with_seq, render_event, render_event_body, EventFields,
+};
 pub use hash::group_of;
 pub use ids::SessionId;
 pub use state::{

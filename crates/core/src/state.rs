@@ -127,6 +127,17 @@ impl Session {
         self.spilled.iter()
     }
 
+    /// Puts `events`, those right below memory, back in front of it. Returns their cost.
+    fn prepend(&mut self, events: Vec<Bytes>) -> u64 {
+        self.first_seq -= events.len() as u64;
+        let mut bytes = 0;
+        for e in events.into_iter().rev() {
+            bytes += event_cost(&e);
+            self.events.push_front(e);
+        }
+        bytes
+    }
+
     /// Drops the events below `seq` from memory. Returns how many, and the memory freed.
     fn drop_memory_before(&mut self, seq: u64) -> (u64, u64) {
         let (mut count, mut bytes) = (0, 0);
@@ -399,12 +410,27 @@ impl GroupState {
                 session.first_seq - from
             ));
         }
-        for e in events.into_iter().rev() {
-            self.hot_bytes += event_cost(&e);
-            session.events.push_front(e);
-        }
-        session.first_seq = from;
         session.spilled.clear();
+        self.hot_bytes += session.prepend(events);
+        Ok(())
+    }
+
+    /// Puts the events below memory back (`events` are `1..first_seq`, none spilled) and
+    /// clears the session's archive mark, e.g. to ship the state to a replica whose archive
+    /// is not this one.
+    pub fn unarchive(&mut self, session_id: &str, events: Vec<Bytes>) -> Result<(), String> {
+        let Some(session) = self.sessions.get_mut(session_id) else {
+            return Err(format!("no session {session_id}"));
+        };
+        if !session.spilled.is_empty() || events.len() as u64 + 1 != session.first_seq {
+            return Err(format!(
+                "session {session_id}: {} archived events read back, {} expected",
+                events.len(),
+                session.first_local_seq() - 1
+            ));
+        }
+        self.hot_bytes += session.prepend(events);
+        session.archived_seq = 0;
         Ok(())
     }
 
@@ -894,6 +920,23 @@ mod tests {
         assert_eq!(
             shipped.session("a").unwrap().events_between(0, 5, 10).len(),
             5
+        );
+        // Shipping to a replica with an archive of its own: the archived events too.
+        let mut archived = shipped.clone();
+        archived.apply(&archive_ack("a", 4, 1));
+        let session = archived.session("a").unwrap();
+        assert_eq!((session.archived_seq, session.first_seq()), (4, 4));
+        let cold: Vec<Bytes> = chunks[0].events[..3].to_vec();
+        assert!(archived.unarchive("a", cold[..2].to_vec()).is_err());
+        assert!(archived.unarchive("b", Vec::new()).is_err());
+        archived.unarchive("a", cold).unwrap();
+        let session = archived.session("a").unwrap();
+        assert_eq!((session.archived_seq, session.first_seq()), (0, 1));
+        assert_eq!(session.events_between(0, 5, 10), chunks[0].events);
+        assert_eq!(archived.hot_bytes(), full);
+        assert!(
+            s.clone().unarchive("a", Vec::new()).is_err(),
+            "spilled runs first"
         );
         // Archiving past a run drops it; the archived events still in memory are dropped
         // (not spilled) by the next spill.

@@ -176,6 +176,7 @@ async fn run(config: ServeConfig) -> Result<(), String> {
         },
         heartbeat_interval: Duration::from_millis(config.raft_heartbeat_ms),
         election_timeout: Duration::from_millis(config.raft_election_timeout_ms),
+        per_replica_archive: cluster.len() > 1 && config.database_url.is_none(),
     };
     let node = Node::open(node_config, internal)
         .await
@@ -190,7 +191,6 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     let (archiver_stop, archiver_stopped) = tokio::sync::watch::channel(false);
     let archiver = tokio::spawn(archive_loop(
         config.clone(),
-        cluster.len() > 1,
         node.clone(),
         state.archive.clone(),
         archiver_stopped,
@@ -224,24 +224,15 @@ async fn run(config: ServeConfig) -> Result<(), String> {
 /// Connects the archive (retrying with backoff: the node serves appends and tails meanwhile),
 /// then runs the write-behind archiver until shutdown.
 ///
-/// A multi-node cluster archives only to a shared Postgres. Each node's embedded SQLite file
-/// would hold only what that node archived while it led a group, yet trimming applies on every
-/// replica, so a follower's reads would find holes; without Postgres a cluster keeps every
-/// event hot (in memory and in its snapshots) instead.
+/// Without Postgres, a cluster's nodes each archive every group they replicate to their own
+/// embedded file and read what they trimmed back from it (the node's `per_replica_archive`);
+/// the API's reader then never needs the archive itself, since the node answers every read.
 async fn archive_loop(
     config: ServeConfig,
-    multi_node: bool,
     node: Arc<Node>,
     slot: Arc<OnceLock<Arc<starcite_archive::Archive>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    if multi_node && config.database_url.is_none() {
-        tracing::warn!(
-            "no DATABASE_URL: this cluster has no cold archive and keeps every event in memory; \
-             set DATABASE_URL to a Postgres shared by all nodes to archive and trim"
-        );
-        return;
-    }
     let mut backoff = Duration::from_millis(200);
     let archive = loop {
         let opened = match &config.database_url {
@@ -265,8 +256,16 @@ async fn archive_loop(
             }
         }
     };
-    tracing::info!(kind = archive.kind(), "archive connected");
-    let _ = slot.set(archive.clone());
+    if node.config().per_replica_archive {
+        tracing::info!(
+            kind = archive.kind(),
+            "archive connected: this node's own (no DATABASE_URL), for every group it replicates"
+        );
+        node.attach_local_archive(archive.clone());
+    } else {
+        tracing::info!(kind = archive.kind(), "archive connected");
+        let _ = slot.set(archive.clone());
+    }
     starcite_archive::run_archiver(
         node,
         archive,

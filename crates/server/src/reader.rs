@@ -5,8 +5,7 @@
 use crate::error::ApiError;
 use bytes::Bytes;
 use starcite_archive::Archive;
-use starcite_cluster::{Node, NodeError};
-use starcite_core::frame_seq;
+use starcite_cluster::{read_archived, ArchiveReadError, Node, NodeError};
 use std::sync::{Arc, OnceLock};
 
 #[derive(Clone)]
@@ -84,27 +83,12 @@ impl EventReader {
                         first_hot - 1
                     ))
                 })?;
-                let want = ((first_hot - 1 - after) as usize).min(limit);
-                let frames = archive
-                    .read_events(session_id, after, want)
+                read_archived(archive.as_ref(), session_id, after, first_hot, limit)
                     .await
-                    .map_err(|e| ReadError::ArchiveDown(format!("archive read failed: {e}")))?;
-                for (i, frame) in frames.iter().enumerate() {
-                    let expected = after + 1 + i as u64;
-                    if frame_seq(frame) != Some(expected) {
-                        return Err(ReadError::Missing(format!(
-                            "the archive is missing event {expected} of session {session_id}"
-                        )));
-                    }
-                }
-                if frames.len() < want {
-                    return Err(ReadError::Missing(format!(
-                        "the archive is missing events {}..{} of session {session_id}",
-                        after + 1 + frames.len() as u64,
-                        first_hot - 1
-                    )));
-                }
-                Ok(frames)
+                    .map_err(|e| match e {
+                        ArchiveReadError::Down(_) => ReadError::ArchiveDown(e.to_string()),
+                        ArchiveReadError::Missing { .. } => ReadError::Missing(e.to_string()),
+                    })
             }
             Err(e) => Err(ReadError::Api(e.into())),
         }

@@ -376,10 +376,12 @@ async fn a_node_that_missed_many_writes_catches_up_from_a_snapshot() {
     assert_spilled(&cluster).await;
 }
 
-/// Snapshots every 20 entries and a memory budget far below what the tests append.
-const SNAPSHOTS_OF_SPILLED_EVENTS: [(&str, &str); 2] = [
+/// Snapshots every 20 entries and a memory budget far below what the tests append; no
+/// archive flush during the test, so what leaves memory is spilled.
+const SNAPSHOTS_OF_SPILLED_EVENTS: [(&str, &str); 3] = [
     ("STARCITE_SNAPSHOT_EVERY_ENTRIES", "20"),
     ("STARCITE_HOT_MAX_BYTES", "4096"),
+    ("STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", "600000"),
 ];
 
 async fn assert_spilled(cluster: &Cluster) {
@@ -443,4 +445,146 @@ async fn a_wiped_node_catches_up_at_once_and_then_carries_the_quorum() {
         assert_holds(&c, cluster.node(2), s, &acked[s]).await;
     }
     assert_spilled(&cluster).await;
+}
+
+/// Each session's events as every node's own embedded archive holds them: (node, frames).
+async fn archived_copies(cluster: &Cluster, id: &str) -> Vec<(usize, Vec<Value>)> {
+    let mut copies = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let path = node.data_dir().join("archive.sqlite3");
+        let archive = starcite_archive::Archive::open_sqlite(&path)
+            .await
+            .expect("open the node's archive file");
+        let frames = archive.read_events(id, 0, 10_000).await.expect("read");
+        if !frames.is_empty() {
+            let events = frames
+                .iter()
+                .map(|f| serde_json::from_slice(f).expect("frame json"))
+                .collect();
+            copies.push((i, events));
+        }
+    }
+    copies
+}
+
+/// Waits until `node` has archived everything it replicates and trimmed memory down to the
+/// events kept hot.
+async fn wait_archived_and_trimmed(node: &Server, max_hot: f64) {
+    let started = std::time::Instant::now();
+    loop {
+        let pending = support::metric(node, "starcite_archive_pending_rows").await;
+        let hot = support::metric(node, "starcite_archive_tail_size").await;
+        if pending == 0.0 && hot <= max_hot {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{}: {pending} events unarchived, {hot} in memory after 20 s:\n{}",
+            node.url(),
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every session is in exactly three nodes' own archives (its replicas'), each copy whole.
+async fn assert_three_whole_copies(cluster: &Cluster, acked: &HashMap<String, Vec<(u64, u64)>>) {
+    for (id, acked) in acked {
+        let copies = archived_copies(cluster, id).await;
+        assert_eq!(
+            copies.len(),
+            3,
+            "{id} archived by nodes {:?}",
+            copies.iter().map(|c| c.0).collect::<Vec<_>>()
+        );
+        for (node, events) in copies {
+            let got: Vec<(u64, u64)> = events
+                .iter()
+                .map(|e| {
+                    (
+                        e["seq"].as_u64().unwrap(),
+                        e["payload"]["n"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(&got, acked, "{id} in the archive of node {}", node + 1);
+        }
+    }
+}
+
+/// Without Postgres, every node archives the groups it replicates to its own embedded file and
+/// trims memory: each session ends up whole in its three replicas' files, every node (four,
+/// so each group has a node outside it that forwards its reads) replays each session whole
+/// across archive and memory, and a wiped node is sent the history its archive lost with the
+/// snapshot, archives it again and serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_postgres_each_node_archives_to_its_own_file() {
+    let env = [
+        ("STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", "100"),
+        ("STARCITE_TAIL_KEEP", "3"),
+        ("STARCITE_SNAPSHOT_EVERY_ENTRIES", "20"),
+        ("STARCITE_RAFT_GROUPS", "8"),
+    ];
+    let mut cluster = Cluster::start(4, &env).await;
+    let c = client();
+    let urls = cluster.urls();
+    let sessions: Vec<String> = (0..6).map(|i| format!("own-{i}")).collect();
+    let mut acked: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+    for s in &sessions {
+        create(&c, &urls, s).await;
+        for n in 1..=40 {
+            let seq = append(&c, &urls, s, n).await["seq"].as_u64().unwrap();
+            acked.entry(s.clone()).or_default().push((seq, n));
+        }
+    }
+    let max_hot = (sessions.len() * 3) as f64;
+    let mut inserted = 0.0;
+    for node in &cluster.nodes {
+        wait_archived_and_trimmed(node, max_hot).await;
+        inserted += support::metric(node, "starcite_archive_inserted_total").await;
+    }
+    assert_eq!(
+        inserted,
+        (3 * sessions.len() * 40) as f64,
+        "each replica archives once"
+    );
+    assert_three_whole_copies(&cluster, &acked).await;
+    for node in &cluster.nodes {
+        for s in &sessions {
+            assert_holds(&c, node, s, &acked[s]).await;
+            let tail = support::ws_events(node, s, 0, 40).await;
+            let seqs: Vec<u64> = tail.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+            assert_eq!(
+                seqs,
+                (1..=40).collect::<Vec<_>>(),
+                "{s} tailed on {}",
+                node.url()
+            );
+        }
+    }
+
+    // Node 4's archive goes with its disk; the others' snapshots (their logs are compacted)
+    // bring the history back, and node 4 archives it in its own file again.
+    cluster.nodes[3].kill9();
+    std::fs::remove_dir_all(cluster.nodes[3].data_dir()).expect("wipe the data directory");
+    cluster.nodes[3].launch();
+    cluster.nodes[3].wait_ready().await;
+    let started = std::time::Instant::now();
+    while support::metric(cluster.node(3), "starcite_raft_groups_rejoining").await > 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "node 4 still catching up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = cluster.node(3).log();
+    assert!(
+        log.contains("installing a snapshot from the leader"),
+        "no snapshot installed:\n{log}"
+    );
+    wait_archived_and_trimmed(cluster.node(3), max_hot).await;
+    assert_three_whole_copies(&cluster, &acked).await;
+    for s in &sessions {
+        assert_holds(&c, cluster.node(3), s, &acked[s]).await;
+    }
 }
