@@ -62,8 +62,9 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub raft_groups: u32,
 
-    /// Postgres URL for the cold archive (also read from STARCITE_POSTGRES_URL). Unset: the
-    /// embedded archive in the data directory.
+    /// Postgres URL for the cold archive (also read from STARCITE_POSTGRES_URL); a cluster's
+    /// nodes share it. Unset: the embedded archive in the data directory (in a cluster, each
+    /// node's own, holding the sessions it replicates). All nodes must agree.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
 
