@@ -12,9 +12,9 @@ use crate::node::Node;
 use crate::NodeError;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use starcite_core::{first_missing_seq, GroupState};
 use starcite_core::{
-    group_of, Applied, ArchiveAckCommand, ArchiveMark, Command, SessionView, SpillRun,
+    first_missing_seq, group_of, Applied, ArchiveAckCommand, ArchiveMark, Command, GroupState,
+    SessionView, SpillRun,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -66,7 +66,7 @@ pub async fn read_archived(
             session_id: session_id.to_owned(),
             seq,
             from: after + 1,
-            to: first_hot - 1,
+            to: first_hot.saturating_sub(1),
         }),
         None => Ok(frames),
     }

@@ -217,7 +217,13 @@ impl Node {
         let node_slot: Arc<std::sync::OnceLock<Weak<Node>>> = Default::default();
         let transport = match (config.is_cluster(), listener) {
             (true, Some(listener)) => {
-                let t = Transport::start(&map, listener);
+                // Replicas must agree on what an archive mark means (see archive_api.rs).
+                let archive = if config.per_replica_archive {
+                    "archive=per-node"
+                } else {
+                    "archive=shared"
+                };
+                let t = Transport::start(&map, listener, archive);
                 t.set_handler(crate::peer::request_handler(log.clone(), node_slot.clone()));
                 t.set_raft_handler(crate::peer::raft_handler(node_slot.clone()));
                 Some(t)

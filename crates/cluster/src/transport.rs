@@ -165,8 +165,10 @@ fn encode(frame: &FrameRef<'_>) -> Result<Vec<u8>, CallError> {
 
 impl Transport {
     /// Starts accepting on `listener` and dialing the peers this node dials. Requests from
-    /// peers are answered once [`Transport::set_handler`] is called.
-    pub fn start(map: &ClusterMap, listener: TcpListener) -> Arc<Transport> {
+    /// peers are answered once [`Transport::set_handler`] is called. `agreed`: settings beyond
+    /// the node list and group count that every node must share; a peer introducing itself
+    /// with other settings is refused, as one with another node list is.
+    pub fn start(map: &ClusterMap, listener: TcpListener, agreed: &str) -> Arc<Transport> {
         let me = map.me();
         let peers = map
             .nodes()
@@ -187,7 +189,9 @@ impl Transport {
             .collect();
         let transport = Arc::new(Transport {
             me,
-            fingerprint: map.fingerprint(),
+            fingerprint: xxhash_rust::xxh3::xxh3_64(
+                format!("{:016x};{agreed}", map.fingerprint()).as_bytes(),
+            ),
             peers,
             handler: OnceLock::new(),
             raft_handler: OnceLock::new(),
@@ -380,7 +384,7 @@ async fn accept_loop(transport: Arc<Transport>, listener: TcpListener) {
                             .cloned()
                     }
                     Ok(Frame::Hello { .. }) => {
-                        tracing::error!(%remote, "a peer with a different cluster configuration (CLUSTER_NODES, STARCITE_RAFT_GROUPS) tried to connect; refused");
+                        tracing::error!(%remote, "a peer with a different cluster configuration (CLUSTER_NODES, STARCITE_RAFT_GROUPS, or DATABASE_URL set on some nodes only) tried to connect; refused");
                         None
                     }
                     _ => None,
@@ -733,8 +737,8 @@ mod tests {
     /// Two transports with echo handlers, connected to each other.
     async fn connected_pair() -> (Arc<Transport>, Arc<Transport>, ClusterMap, ClusterMap) {
         let (ma, mb, la, lb) = two_nodes();
-        let a = Transport::start(&ma, la);
-        let b = Transport::start(&mb, lb);
+        let a = Transport::start(&ma, la, "");
+        let b = Transport::start(&mb, lb, "");
         a.set_handler(echo_handler());
         b.set_handler(echo_handler());
         connected(&a, mb.me()).await;
@@ -770,15 +774,36 @@ mod tests {
         b.shutdown();
     }
 
+    /// Nodes that disagree on a setting they must share (whether the archive is shared) never
+    /// connect, so they cannot replicate anything to each other.
+    #[tokio::test]
+    async fn peers_that_disagree_on_shared_settings_are_refused() {
+        let (ma, mb, la, lb) = two_nodes();
+        let a = Transport::start(&ma, la, "archive=shared");
+        let b = Transport::start(&mb, lb, "archive=per-node");
+        a.set_handler(echo_handler());
+        b.set_handler(echo_handler());
+        // The dialer may believe it is connected until the other side drops the connection;
+        // no call ever gets through either way.
+        for _ in 0..10 {
+            let there = a.call(mb.me(), &read(1, 1), Duration::from_secs(1)).await;
+            let back = b.call(ma.me(), &read(1, 1), Duration::from_secs(1)).await;
+            assert!(there.is_err() && back.is_err(), "{there:?} {back:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        a.shutdown();
+        b.shutdown();
+    }
+
     #[tokio::test]
     async fn unreachable_peers_fail_fast_and_reconnect_later() {
         let (ma, mb, la, lb) = two_nodes();
-        let a = Transport::start(&ma, la);
+        let a = Transport::start(&ma, la, "");
         a.set_handler(echo_handler());
         let r = a.call(mb.me(), &read(1, 1), Duration::from_secs(1)).await;
         assert!(matches!(r, Err(CallError::NotConnected(_))), "{r:?}");
         // The peer comes up later: the dialer finds it.
-        let b = Transport::start(&mb, lb);
+        let b = Transport::start(&mb, lb, "");
         b.set_handler(echo_handler());
         connected(&a, mb.me()).await;
         assert!(a
@@ -833,7 +858,7 @@ mod tests {
         } else {
             (mb, lb, la, ma.me())
         };
-        let t = Transport::start(&map, me_listener);
+        let t = Transport::start(&map, me_listener, "");
         let (socket, _) = silent.accept().await.expect("the transport dials");
         connected(&t, peer).await;
         let snapshot = RaftMessage::Snapshot {

@@ -588,3 +588,43 @@ async fn without_postgres_each_node_archives_to_its_own_file() {
         assert_holds(&c, cluster.node(3), s, &acked[s]).await;
     }
 }
+
+/// A node started with `DATABASE_URL` among nodes without it would read archive marks that
+/// mean something else to it: the others refuse its connections, it says why, and it never
+/// turns ready, while the two that agree serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_that_disagree_on_the_archive_refuse_each_other() {
+    let mut cluster = Cluster::unstarted(3, &[]);
+    cluster.nodes[0].set_env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere");
+    for node in &mut cluster.nodes {
+        node.launch();
+    }
+    cluster.nodes[1].wait_ready().await;
+    cluster.nodes[2].wait_ready().await;
+    let c = client();
+    create(&c, &cluster.urls()[1..], "agreeing").await;
+    append(&c, &cluster.urls()[1..], "agreeing", 1).await;
+    let started = std::time::Instant::now();
+    loop {
+        let refused = cluster
+            .nodes
+            .iter()
+            .any(|n| n.log().contains("different cluster configuration"));
+        if refused {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no node refused the odd one out:\n{}",
+            cluster.node(1).log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = c
+        .get(format!("{}/health/ready", cluster.node(0).url()))
+        .send()
+        .await
+        .expect("ready request")
+        .status();
+    assert_eq!(ready, 503, "the node with DATABASE_URL must not serve");
+}

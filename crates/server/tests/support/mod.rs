@@ -291,6 +291,18 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes (names n1…) and waits until every one is ready.
     pub async fn start(n: usize, env: &[(&str, &str)]) -> Cluster {
+        let mut cluster = Cluster::unstarted(n, env);
+        for node in &mut cluster.nodes {
+            node.launch();
+        }
+        for node in &cluster.nodes {
+            node.wait_ready().await;
+        }
+        cluster
+    }
+
+    /// `n` nodes (names n1…) configured as one cluster, none running yet.
+    pub fn unstarted(n: usize, env: &[(&str, &str)]) -> Cluster {
         let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let cluster_nodes = peer_ports
             .iter()
@@ -304,12 +316,6 @@ impl Cluster {
             server.set_env("NODE_NAME", &format!("n{}", i + 1));
             server.set_env("CLUSTER_NODES", &cluster_nodes);
             nodes.push(server);
-        }
-        for node in &mut nodes {
-            node.launch();
-        }
-        for node in &nodes {
-            node.wait_ready().await;
         }
         Cluster { nodes }
     }
