@@ -240,35 +240,36 @@ impl Node {
                     archived_seq: *archived_seq,
                 });
         }
-        if self.config().per_replica_archive {
-            let mut trimmed = 0;
-            for (group, marks) in per_group {
-                let cmd = Command::ArchiveAck(ArchiveAckCommand { marks, keep_hot });
-                let answer = self.groups[group as usize]
-                    .shared
-                    .update(|d| d.apply_command(&cmd));
-                if let Applied::Archived { trimmed: n } = answer {
-                    trimmed += n;
-                }
-            }
-            return Ok(trimmed);
-        }
-        let deadline = std::time::Instant::now() + self.config().request_timeout;
-        let results =
-            futures_util::future::join_all(per_group.into_iter().map(|(group, marks)| {
-                let cmd = Command::ArchiveAck(ArchiveAckCommand { marks, keep_hot });
-                self.propose_in(group, cmd, deadline)
-            }))
-            .await;
-        let mut trimmed = 0;
-        for r in results {
-            match r {
-                Ok(Applied::Archived { trimmed: n }) => trimmed += n,
-                Ok(_) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(trimmed)
+        let commands = per_group.into_iter().map(|(group, marks)| {
+            (
+                group,
+                Command::ArchiveAck(ArchiveAckCommand { marks, keep_hot }),
+            )
+        });
+        let answers: Vec<Applied> = if self.config().per_replica_archive {
+            commands
+                .map(|(group, cmd)| {
+                    self.groups[group as usize]
+                        .shared
+                        .update(|d| d.apply_command(&cmd))
+                })
+                .collect()
+        } else {
+            let deadline = std::time::Instant::now() + self.config().request_timeout;
+            futures_util::future::join_all(
+                commands.map(|(group, cmd)| self.propose_in(group, cmd, deadline)),
+            )
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?
+        };
+        Ok(answers
+            .iter()
+            .map(|a| match a {
+                Applied::Archived { trimmed } => *trimmed,
+                _ => 0,
+            })
+            .sum())
     }
 
     pub fn archive_lag(&self) -> ArchiveLag {

@@ -422,11 +422,16 @@ impl GroupState {
         let Some(session) = self.sessions.get_mut(session_id) else {
             return Err(format!("no session {session_id}"));
         };
-        if !session.spilled.is_empty() || events.len() as u64 + 1 != session.first_seq {
+        if !session.spilled.is_empty() {
+            return Err(format!(
+                "session {session_id}: its spilled runs must be read back first"
+            ));
+        }
+        if events.len() as u64 + 1 != session.first_seq {
             return Err(format!(
                 "session {session_id}: {} archived events read back, {} expected",
                 events.len(),
-                session.first_local_seq() - 1
+                session.first_seq - 1
             ));
         }
         self.hot_bytes += session.prepend(events);
