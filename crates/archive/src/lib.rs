@@ -19,6 +19,7 @@ pub use archiver::{
 };
 
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -220,12 +221,49 @@ impl Archive {
 
 /// The highest seq per session in a batch.
 pub(crate) fn max_seq_per_session(events: &[ArchivedEvent]) -> Vec<(String, i64)> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
     let mut out: Vec<(String, i64)> = Vec::new();
     for e in events {
-        match out.iter_mut().find(|(id, _)| *id == e.session_id) {
-            Some((_, max)) => *max = (*max).max(e.seq as i64),
-            None => out.push((e.session_id.clone(), e.seq as i64)),
+        match index.get(e.session_id.as_str()) {
+            Some(&i) => out[i].1 = out[i].1.max(e.seq as i64),
+            None => {
+                index.insert(&e.session_id, out.len());
+                out.push((e.session_id.clone(), e.seq as i64));
+            }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(session: &str, seq: u64) -> ArchivedEvent {
+        ArchivedEvent {
+            session_id: session.to_owned(),
+            seq,
+            frame: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn marks_are_the_highest_seq_of_each_session_in_first_seen_order() {
+        let events = [
+            event("b", 4),
+            event("a", 1),
+            event("b", 5),
+            event("a", 2),
+            event("c", 9),
+            event("b", 3),
+        ];
+        assert_eq!(
+            max_seq_per_session(&events),
+            vec![
+                ("b".to_owned(), 5),
+                ("a".to_owned(), 2),
+                ("c".to_owned(), 9)
+            ]
+        );
+    }
 }

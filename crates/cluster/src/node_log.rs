@@ -456,7 +456,12 @@ impl NodeLog {
             .map(|entries| {
                 entries
                     .filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("wal-"))
+                    .filter(|e| {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        // Segments only: not the zero-filled spare waiting to become one.
+                        name.starts_with("wal-") && name.ends_with(".log")
+                    })
                     .filter_map(|e| e.metadata().ok())
                     .map(|m| m.len())
                     .sum()

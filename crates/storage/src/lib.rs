@@ -8,6 +8,7 @@
 
 mod file;
 mod frame;
+mod prealloc;
 mod spill;
 mod wal;
 

@@ -1,9 +1,11 @@
 //! The write-ahead log: numbered segment files `wal-<n>.log`, one writer thread, group commit.
 
 use crate::frame::{decode_frames, encode_frame, FrameError};
+use crate::prealloc::Preallocator;
 use crate::{sync_dir, StorageError};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -22,6 +24,9 @@ type RollDone = Box<dyn FnOnce(Result<u64, StorageError>) + Send>;
 
 /// Most bytes merged into one write + fsync; bigger bursts are split into several batches.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// A segment that has taken this much gets its successor zero-filled (half the segment size if
+/// that is smaller): a node that writes little never spends a segment's worth of zeroes.
+const SPARE_AFTER_BYTES: u64 = 4 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct WalOptions {
@@ -88,16 +93,25 @@ impl Wal {
         std::fs::create_dir_all(&opts.dir).map_err(StorageError::io(&opts.dir))?;
         let live = list_segments(&opts.dir)?;
         let mut buf = Vec::new();
+        // Where the last segment's records end (appends continue there), and its length.
+        let mut end = 0u64;
+        let mut length = 0u64;
         for (i, &n) in live.iter().enumerate() {
             let path = segment_path(&opts.dir, n);
             buf.clear();
             File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut buf))
                 .map_err(StorageError::io(&path))?;
+            let is_last = i + 1 == live.len();
+            end = buf.len() as u64;
+            length = end;
             match decode_frames(&buf, |body| on_record(n, body)) {
                 Ok(_) => {}
+                // The zeroes of a preallocated segment: the clean end of the log.
+                Err((valid, _)) if is_last && buf[valid..].iter().all(|&b| b == 0) => {
+                    end = valid as u64;
+                }
                 Err((valid, err)) => {
-                    let is_last = i + 1 == live.len();
                     let torn_tail = is_last && is_torn_tail(&buf[valid..], &err);
                     if !torn_tail {
                         let reason = match err {
@@ -124,6 +138,8 @@ impl Wal {
                     f.set_len(valid as u64)
                         .and_then(|_| f.sync_all())
                         .map_err(StorageError::io(&path))?;
+                    end = valid as u64;
+                    length = end;
                 }
             }
         }
@@ -131,11 +147,13 @@ impl Wal {
         let path = segment_path(&opts.dir, current);
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .write(true)
+            .truncate(false)
             .open(&path)
             .map_err(StorageError::io(&path))?;
-        let size = file.metadata().map_err(StorageError::io(&path))?.len();
         sync_dir(&opts.dir)?;
+        let segment_bytes = opts.segment_bytes.max(1);
+        let spare = Preallocator::start(&opts.dir, segment_bytes)?;
 
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WalStats::default());
@@ -143,10 +161,13 @@ impl Wal {
         let mut writer = Writer {
             dir: opts.dir.clone(),
             segment_header: opts.segment_header.clone(),
-            segment_bytes: opts.segment_bytes.max(1),
+            segment_bytes,
             file,
             segment: current,
-            segment_size: size,
+            segment_size: end,
+            allocated: length,
+            preallocated: length > end,
+            spare,
             buf: Vec::with_capacity(1024 * 1024),
             pending: Vec::new(),
             poisoned: false,
@@ -257,7 +278,13 @@ struct Writer {
     segment_bytes: u64,
     file: File,
     segment: u64,
+    /// Where the next write goes: the end of the segment's records.
     segment_size: u64,
+    /// The file's length; past `segment_size` it holds zeroes written ahead of time.
+    allocated: u64,
+    /// Whether the segment was zero-filled ahead (see `prealloc`).
+    preallocated: bool,
+    spare: Preallocator,
     buf: Vec<u8>,
     pending: Vec<Durable>,
     poisoned: bool,
@@ -312,13 +339,14 @@ impl Writer {
         }
         let result = self
             .file
-            .write_all(&self.buf)
+            .write_all_at(&self.buf, self.segment_size)
             .and_then(|_| self.file.sync_data());
         let callbacks = std::mem::take(&mut self.pending);
         match result {
             Ok(()) => {
                 let n = self.buf.len() as u64;
                 self.segment_size += n;
+                self.allocated = self.allocated.max(self.segment_size);
                 self.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
                 self.stats
                     .records_written
@@ -328,11 +356,7 @@ impl Writer {
                 for done in callbacks {
                     done(Ok(self.segment));
                 }
-                if self.segment_size >= self.segment_bytes {
-                    if let Err(e) = self.roll() {
-                        tracing::error!(error = %e, "could not start a new log segment");
-                    }
-                }
+                self.prepare_next_segment();
             }
             Err(e) => {
                 // After a failed write or fsync the file's contents are unknown (fsyncgate):
@@ -347,22 +371,72 @@ impl Writer {
         }
     }
 
+    /// Rolls once the segment is full, or as soon as a zero-filled one is ready while the
+    /// current one grows as it is written (a new log, or a spare that was not ready in time);
+    /// asks for the next spare once the segment is clearly in use.
+    fn prepare_next_segment(&mut self) {
+        let full = self.segment_size >= self.segment_bytes;
+        let in_use = self.segment_size >= (self.segment_bytes / 2).min(SPARE_AFTER_BYTES);
+        if in_use || full {
+            self.spare.request();
+        }
+        let spare = if full || !self.preallocated {
+            self.spare.take()
+        } else {
+            None
+        };
+        if full || spare.is_some() {
+            if let Err(e) = self.roll_into(spare) {
+                tracing::error!(error = %e, "could not start a new log segment");
+            }
+        }
+    }
+
     fn roll(&mut self) -> Result<u64, StorageError> {
+        let spare = self.spare.take();
+        self.roll_into(spare)
+    }
+
+    /// Starts the next segment in `spare` (a zero-filled file) or, without one, in a new
+    /// empty file.
+    fn roll_into(&mut self, spare: Option<PathBuf>) -> Result<u64, StorageError> {
         if self.poisoned {
             return Err(StorageError::Poisoned);
         }
+        let old = segment_path(&self.dir, self.segment);
+        if self.allocated > self.segment_size {
+            // Zeroes at the end of a segment that is not the last would read as damage.
+            self.file
+                .set_len(self.segment_size)
+                .and_then(|_| self.file.sync_data())
+                .map_err(StorageError::io(&old))?;
+            self.allocated = self.segment_size;
+        }
         let next = self.segment + 1;
         let path = segment_path(&self.dir, next);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(StorageError::io(&path))?;
+        let (file, allocated) = match spare {
+            Some(spare) => {
+                std::fs::rename(&spare, &path).map_err(StorageError::io(&path))?;
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(StorageError::io(&path))?;
+                (file, self.spare.bytes())
+            }
+            None => {
+                let file = OpenOptions::new()
+                    .create_new(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(StorageError::io(&path))?;
+                (file, 0)
+            }
+        };
         let mut size = 0;
         if let Some(header) = &self.segment_header {
             let mut frame = Vec::new();
             encode_frame(&header(), &mut frame);
-            file.write_all(&frame)
+            file.write_all_at(&frame, 0)
                 .and_then(|_| file.sync_data())
                 .map_err(StorageError::io(&path))?;
             size = frame.len() as u64;
@@ -371,6 +445,8 @@ impl Writer {
         self.file = file;
         self.segment = next;
         self.segment_size = size;
+        self.preallocated = allocated > size;
+        self.allocated = allocated.max(size);
         self.stats.current_segment.store(next, Ordering::Relaxed);
         Ok(next)
     }
@@ -379,6 +455,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::sync::mpsc::channel;
 
     fn opts(dir: &Path) -> WalOptions {
@@ -636,5 +713,107 @@ mod tests {
                 (second, b"b".to_vec())
             ]
         );
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().len()
+    }
+
+    /// Appends records until the log rolls into a zero-filled segment (the spare is made on
+    /// another thread, so this waits for it); returns the records written.
+    fn fill_until_preallocated(wal: &Wal, dir: &Path, segment_bytes: u64) -> Vec<Vec<u8>> {
+        let mut written = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let body = format!("record-{:06}-{}", written.len(), "x".repeat(200)).into_bytes();
+            append_sync(wal, &body).unwrap();
+            written.push(body);
+            let last = *list_segments(dir).unwrap().last().unwrap();
+            if last > 1 && file_len(&segment_path(dir, last)) == segment_bytes {
+                return written;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no zero-filled segment after {} records",
+                written.len()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn appends_go_into_zero_filled_segments_without_growing_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment_bytes = 256 * 1024;
+        let mut o = opts(dir.path());
+        o.segment_bytes = segment_bytes;
+        let wal = Wal::open(o.clone(), |_, _| {}).unwrap();
+        let mut written = fill_until_preallocated(&wal, dir.path(), segment_bytes);
+        let current = *list_segments(dir.path()).unwrap().last().unwrap();
+        let path = segment_path(dir.path(), current);
+        // The commits land inside the zeroes: the file's size never changes.
+        for i in 0..20 {
+            let body = format!("in-the-zeroes-{i}").into_bytes();
+            append_sync(&wal, &body).unwrap();
+            written.push(body);
+        }
+        assert_eq!(file_len(&path), segment_bytes);
+        wal.close();
+        // Recovery stops at the zeroes without calling them damage, and appends continue
+        // right after the last record, still inside the preallocated file.
+        assert_eq!(replay(dir.path()).unwrap(), written);
+        assert_eq!(file_len(&path), segment_bytes);
+        let wal = Wal::open(o.clone(), |_, _| {}).unwrap();
+        append_sync(&wal, b"after-reopen").unwrap();
+        written.push(b"after-reopen".to_vec());
+        wal.close();
+        assert_eq!(file_len(&path), segment_bytes);
+        assert_eq!(replay(dir.path()).unwrap(), written);
+    }
+
+    #[test]
+    fn rolling_early_cuts_the_zeroes_off_the_closed_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment_bytes = 256 * 1024;
+        let mut o = opts(dir.path());
+        o.segment_bytes = segment_bytes;
+        let wal = Wal::open(o.clone(), |_, _| {}).unwrap();
+        let mut written = fill_until_preallocated(&wal, dir.path(), segment_bytes);
+        let closed = *list_segments(dir.path()).unwrap().last().unwrap();
+        append_sync(&wal, b"last-before-roll").unwrap();
+        written.push(b"last-before-roll".to_vec());
+        let (tx, rx) = channel();
+        wal.roll(move |r| drop(tx.send(r)));
+        let next = rx.recv().unwrap().unwrap();
+        append_sync(&wal, b"first-after-roll").unwrap();
+        written.push(b"first-after-roll".to_vec());
+        wal.close();
+        assert_eq!(next, closed + 1);
+        assert!(
+            file_len(&segment_path(dir.path(), closed)) < segment_bytes,
+            "the closed segment still holds its zeroes"
+        );
+        // A segment that is not the last may not end in zeroes; reading it back proves it
+        // does not.
+        assert_eq!(replay(dir.path()).unwrap(), written);
+    }
+
+    #[test]
+    fn a_spare_left_by_a_crash_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment_bytes = 256 * 1024;
+        // A whole spare's worth of something other than zeroes: used as it is, the bytes
+        // after the last record would read as damage.
+        std::fs::write(
+            dir.path().join("wal-spare.tmp"),
+            vec![0xab; segment_bytes as usize],
+        )
+        .unwrap();
+        let mut o = opts(dir.path());
+        o.segment_bytes = segment_bytes;
+        let wal = Wal::open(o, |_, _| {}).unwrap();
+        let written = fill_until_preallocated(&wal, dir.path(), segment_bytes);
+        wal.close();
+        assert_eq!(replay(dir.path()).unwrap(), written);
     }
 }
