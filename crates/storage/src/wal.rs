@@ -741,14 +741,23 @@ mod tests {
         }
     }
 
+    const PREALLOCATED_SEGMENT_BYTES: u64 = 256 * 1024;
+
+    /// A log in a fresh directory, already writing into a zero-filled segment; with the
+    /// records written to get there.
+    fn log_in_a_zero_filled_segment() -> (tempfile::TempDir, WalOptions, Wal, Vec<Vec<u8>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.segment_bytes = PREALLOCATED_SEGMENT_BYTES;
+        let wal = Wal::open(o.clone(), |_, _| {}).unwrap();
+        let written = fill_until_preallocated(&wal, dir.path(), PREALLOCATED_SEGMENT_BYTES);
+        (dir, o, wal, written)
+    }
+
     #[test]
     fn appends_go_into_zero_filled_segments_without_growing_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let segment_bytes = 256 * 1024;
-        let mut o = opts(dir.path());
-        o.segment_bytes = segment_bytes;
-        let wal = Wal::open(o.clone(), |_, _| {}).unwrap();
-        let mut written = fill_until_preallocated(&wal, dir.path(), segment_bytes);
+        let (dir, o, wal, mut written) = log_in_a_zero_filled_segment();
+        let segment_bytes = PREALLOCATED_SEGMENT_BYTES;
         let current = *list_segments(dir.path()).unwrap().last().unwrap();
         let path = segment_path(dir.path(), current);
         // The commits land inside the zeroes: the file's size never changes.
@@ -773,12 +782,7 @@ mod tests {
 
     #[test]
     fn rolling_early_cuts_the_zeroes_off_the_closed_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let segment_bytes = 256 * 1024;
-        let mut o = opts(dir.path());
-        o.segment_bytes = segment_bytes;
-        let wal = Wal::open(o.clone(), |_, _| {}).unwrap();
-        let mut written = fill_until_preallocated(&wal, dir.path(), segment_bytes);
+        let (dir, _, wal, mut written) = log_in_a_zero_filled_segment();
         let closed = *list_segments(dir.path()).unwrap().last().unwrap();
         append_sync(&wal, b"last-before-roll").unwrap();
         written.push(b"last-before-roll".to_vec());
@@ -790,7 +794,7 @@ mod tests {
         wal.close();
         assert_eq!(next, closed + 1);
         assert!(
-            file_len(&segment_path(dir.path(), closed)) < segment_bytes,
+            file_len(&segment_path(dir.path(), closed)) < PREALLOCATED_SEGMENT_BYTES,
             "the closed segment still holds its zeroes"
         );
         // A segment that is not the last may not end in zeroes; reading it back proves it
@@ -801,7 +805,7 @@ mod tests {
     #[test]
     fn a_spare_left_by_a_crash_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
-        let segment_bytes = 256 * 1024;
+        let segment_bytes = PREALLOCATED_SEGMENT_BYTES;
         // A whole spare's worth of something other than zeroes: used as it is, the bytes
         // after the last record would read as damage.
         std::fs::write(
