@@ -452,21 +452,7 @@ impl NodeLog {
 
     /// Log bytes on disk.
     pub fn disk_bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .filter(|e| {
-                        let name = e.file_name();
-                        let name = name.to_string_lossy();
-                        // Segments only: not the zero-filled spare waiting to become one.
-                        name.starts_with("wal-") && name.ends_with(".log")
-                    })
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        Wal::segments_disk_bytes(&self.dir).unwrap_or(0)
     }
 
     /// Whether this node holds client data: a command in some group's log, or a snapshot.

@@ -166,7 +166,6 @@ impl Wal {
             segment: current,
             segment_size: end,
             allocated: length,
-            preallocated: length > end,
             spare,
             buf: Vec::with_capacity(1024 * 1024),
             pending: Vec::new(),
@@ -207,6 +206,22 @@ impl Wal {
         if let Err(mpsc::SendError(Msg::Roll(done))) = self.tx.send(Msg::Roll(Box::new(done))) {
             done(Err(StorageError::Closed));
         }
+    }
+
+    /// Bytes the segments in `dir` take on disk (zero-filled space included, the spare being
+    /// prepared not).
+    pub fn segments_disk_bytes(dir: &Path) -> Result<u64, StorageError> {
+        let mut total = 0;
+        for n in list_segments(dir)? {
+            let path = segment_path(dir, n);
+            match std::fs::metadata(&path) {
+                Ok(m) => total += m.len(),
+                // Deleted since the listing (a concurrent garbage collection): no bytes.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io(&path)(e)),
+            }
+        }
+        Ok(total)
     }
 
     /// Deletes segments numbered below `segment` (they are covered by a snapshot).
@@ -280,10 +295,9 @@ struct Writer {
     segment: u64,
     /// Where the next write goes: the end of the segment's records.
     segment_size: u64,
-    /// The file's length; past `segment_size` it holds zeroes written ahead of time.
+    /// The file's length; past `segment_size` it holds zeroes written ahead of time (see
+    /// `prealloc`).
     allocated: u64,
-    /// Whether the segment was zero-filled ahead (see `prealloc`).
-    preallocated: bool,
     spare: Preallocator,
     buf: Vec<u8>,
     pending: Vec<Durable>,
@@ -376,11 +390,11 @@ impl Writer {
     /// asks for the next spare once the segment is clearly in use.
     fn prepare_next_segment(&mut self) {
         let full = self.segment_size >= self.segment_bytes;
-        let in_use = self.segment_size >= (self.segment_bytes / 2).min(SPARE_AFTER_BYTES);
-        if in_use || full {
+        if self.segment_size >= (self.segment_bytes / 2).min(SPARE_AFTER_BYTES) {
             self.spare.request();
         }
-        let spare = if full || !self.preallocated {
+        let writing_into_zeroes = self.allocated > self.segment_size;
+        let spare = if full || !writing_into_zeroes {
             self.spare.take()
         } else {
             None
@@ -445,7 +459,6 @@ impl Writer {
         self.file = file;
         self.segment = next;
         self.segment_size = size;
-        self.preallocated = allocated > size;
         self.allocated = allocated.max(size);
         self.stats.current_segment.store(next, Ordering::Relaxed);
         Ok(next)
