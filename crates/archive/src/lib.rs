@@ -7,6 +7,7 @@
 //! the archive is byte-for-byte the replay from memory.
 
 mod archiver;
+mod chunk;
 
 /// The flush-duration histogram's name, for callers that configure its buckets.
 pub const FLUSH_DURATION_METRIC: &str = archiver::FLUSH_DURATION;

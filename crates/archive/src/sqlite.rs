@@ -1,22 +1,29 @@
 //! Embedded SQLite backend: the archive of the default, no-external-service deployment.
 //! WAL journal with `synchronous=FULL`, so an archived batch is on disk before memory is
-//! trimmed.
+//! trimmed. Events are stored a chunk of consecutive events per row (see [`crate::chunk`]);
+//! the `events` view shows one row per event with a column for every field.
 
+use crate::chunk;
 use crate::{
     check_frame_seq, max_seq_per_session, ArchiveError, ArchivedEvent, ArchivedSession, InsertStats,
 };
 use bytes::Bytes;
+use futures_util::TryStreamExt;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use std::path::Path;
 use std::time::Duration;
 
 /// Rows per INSERT statement (3 bound values each, well under SQLite's variable limit).
 const ROWS_PER_STATEMENT: usize = 2000;
 
-const MIGRATIONS: &[&str] = &[
+/// `PRAGMA user_version` of the current layout; 0 is a new file or the first layout (one row
+/// per event in `event_frames`), which opening converts.
+const LAYOUT_VERSION: i64 = 1;
+
+const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS sessions (
         id TEXT PRIMARY KEY,
         title TEXT,
@@ -24,28 +31,41 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         archived_seq INTEGER NOT NULL DEFAULT 0
     )",
-    // Only (session, seq, frame) is written: the embedded archive costs one small row per
-    // event. `events` is a view with a column for every field, computed from the frame.
-    "CREATE TABLE IF NOT EXISTS event_frames (
+    // Events `first_seq..=last_seq` of a session: `frames` is the JSON array of their exact
+    // frames, `starts` the byte offset of each frame in it plus the end (crate::chunk).
+    "CREATE TABLE IF NOT EXISTS event_chunks (
         session_id TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        frame TEXT NOT NULL
+        first_seq INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        frames TEXT NOT NULL,
+        starts TEXT NOT NULL
     )",
-    "CREATE UNIQUE INDEX IF NOT EXISTS event_frames_session_seq ON event_frames (session_id, seq)",
-    "CREATE VIEW IF NOT EXISTS events AS SELECT
-        session_id,
-        seq,
-        json_extract(frame, '$.type') AS type,
-        json_extract(frame, '$.payload') AS payload,
-        json_extract(frame, '$.actor') AS actor,
-        json_extract(frame, '$.source') AS source,
-        json_extract(frame, '$.metadata') AS metadata,
-        json_extract(frame, '$.refs') AS refs,
-        json_extract(frame, '$.idempotency_key') AS idempotency_key,
-        json_extract(frame, '$.inserted_at') AS inserted_at,
-        frame
-     FROM event_frames",
+    "CREATE UNIQUE INDEX IF NOT EXISTS event_chunks_session_seqs
+        ON event_chunks (session_id, first_seq, last_seq)",
+    // One row per event, a column for every field, `frame` byte-exact.
+    "DROP VIEW IF EXISTS events",
+    "CREATE VIEW events AS SELECT
+        c.session_id AS session_id,
+        c.first_seq + j.key AS seq,
+        json_extract(j.value, '$.type') AS type,
+        json_extract(j.value, '$.payload') AS payload,
+        json_extract(j.value, '$.actor') AS actor,
+        json_extract(j.value, '$.source') AS source,
+        json_extract(j.value, '$.metadata') AS metadata,
+        json_extract(j.value, '$.refs') AS refs,
+        json_extract(j.value, '$.idempotency_key') AS idempotency_key,
+        json_extract(j.value, '$.inserted_at') AS inserted_at,
+        CAST(substr(CAST(c.frames AS BLOB),
+                    json_extract(c.starts, '$[' || j.key || ']') + 1,
+                    json_extract(c.starts, '$[' || (j.key + 1) || ']') - 1
+                        - json_extract(c.starts, '$[' || j.key || ']')) AS TEXT) AS frame
+     FROM event_chunks c, json_each(c.frames) j",
 ];
+
+/// Chunks that may hold seqs in `?2..=?3` of session `?1`, ascending.
+const OVERLAPPING: &str = "SELECT first_seq, last_seq FROM event_chunks
+     WHERE session_id = ?1 AND first_seq > ?2 - ?4 AND first_seq <= ?3 AND last_seq >= ?2
+     ORDER BY first_seq";
 
 pub struct SqliteArchive {
     pool: SqlitePool,
@@ -73,10 +93,43 @@ impl SqliteArchive {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        for statement in MIGRATIONS {
-            sqlx::query(statement).execute(&pool).await?;
+        let archive = SqliteArchive { pool };
+        archive.migrate().await?;
+        Ok(archive)
+    }
+
+    /// Creates the tables, converting a file of the first layout (one row per event) in the
+    /// same transaction, so an interrupted conversion leaves the old layout intact.
+    async fn migrate(&self) -> Result<(), ArchiveError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        if version > LAYOUT_VERSION {
+            return Err(ArchiveError::BadFrame(format!(
+                "the archive file has layout {version}, newer than this build's {LAYOUT_VERSION}"
+            )));
         }
-        Ok(SqliteArchive { pool })
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&mut *tx).await?;
+        }
+        let first_layout: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'event_frames'",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if first_layout.is_some() {
+            let converted = convert_first_layout(&mut tx).await?;
+            tracing::info!(events = converted, "archive converted to chunked rows");
+            sqlx::query("DROP TABLE event_frames")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(&format!("PRAGMA user_version = {LAYOUT_VERSION}"))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn upsert_sessions(&self, sessions: &[ArchivedSession]) -> Result<(), ArchiveError> {
@@ -107,41 +160,29 @@ impl SqliteArchive {
             attempted: events.len() as u64,
             ..Default::default()
         };
-        let mut tx = self.pool.begin().await?;
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let mut parsed = Vec::with_capacity(chunk.len());
-            for event in chunk {
-                let frame = std::str::from_utf8(&event.frame)
-                    .map_err(|e| ArchiveError::BadFrame(e.to_string()))?;
-                check_frame_seq(event)?;
-                stats.bytes_attempted += frame.len() as u64;
-                parsed.push((event, frame));
-            }
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT OR IGNORE INTO event_frames (session_id, seq, frame) ");
-            q.push_values(&parsed, |mut row, (event, frame)| {
-                row.push_bind(&event.session_id)
-                    .push_bind(event.seq as i64)
-                    .push_bind(*frame);
-            });
-            let inserted = q.build().execute(&mut *tx).await?.rows_affected();
-            let chunk_bytes: u64 = parsed.iter().map(|(_, f)| f.len() as u64).sum();
-            stats.inserted += inserted;
-            // Exact when all or none of the chunk is new (every batch but a partly re-sent
-            // one); a partly re-sent chunk is counted pro rata.
-            stats.bytes_inserted += if inserted == parsed.len() as u64 {
-                chunk_bytes
-            } else {
-                chunk_bytes * inserted / parsed.len().max(1) as u64
-            };
+        let mut parsed = Vec::with_capacity(events.len());
+        for event in events {
+            let frame = std::str::from_utf8(&event.frame)
+                .map_err(|e| ArchiveError::BadFrame(e.to_string()))?;
+            check_frame_seq(event)?;
+            stats.bytes_attempted += frame.len() as u64;
+            parsed.push((event.session_id.as_str(), event.seq, frame));
+        }
+        // Immediate: the transaction reads what is stored before it writes, and no other
+        // writer may slip in between.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for run in chunk::runs(parsed) {
+            let (rows, bytes) = insert_run(&mut tx, &run).await?;
+            stats.inserted += rows;
+            stats.bytes_inserted += bytes;
         }
         // One statement advances every session's archive mark in this batch.
         let marks = max_seq_per_session(events);
-        for chunk in marks.chunks(ROWS_PER_STATEMENT) {
+        for batch in marks.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "UPDATE sessions SET archived_seq = max(sessions.archived_seq, v.column2) FROM (",
             );
-            q.push_values(chunk, |mut row, (id, max)| {
+            q.push_values(batch, |mut row, (id, max)| {
                 row.push_bind(id).push_bind(*max);
             });
             q.push(") AS v WHERE sessions.id = v.column1");
@@ -157,34 +198,52 @@ impl SqliteArchive {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Bytes>, ArchiveError> {
-        let rows = sqlx::query(
-            "SELECT frame FROM event_frames WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let mut rows = sqlx::query(
+            "SELECT first_seq, frames, starts FROM event_chunks
+             WHERE session_id = ?1 AND first_seq > ?2 - ?3 AND last_seq > ?2
+             ORDER BY first_seq",
         )
         .bind(session_id)
-        .bind(after_seq as i64)
-        .bind(limit.min(i64::MAX as usize) as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                r.try_get::<String, _>("frame")
-                    .map(Bytes::from)
-                    .map_err(Into::into)
-            })
-            .collect()
+        .bind(seq_param(after_seq))
+        .bind(chunk::MAX_EVENTS as i64)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let first_seq = row.try_get::<i64, _>("first_seq")? as u64;
+            let text = Bytes::from(row.try_get::<String, _>("frames")?);
+            let starts: &str = row.try_get("starts")?;
+            let frames = chunk::decode(text, starts).map_err(|e| {
+                ArchiveError::BadFrame(format!("{session_id} chunk at seq {first_seq}: {e}"))
+            })?;
+            let skip = after_seq.saturating_sub(first_seq.saturating_sub(1)) as usize;
+            for frame in frames.into_iter().skip(skip) {
+                out.push(frame);
+                if out.len() == limit {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub async fn contiguous_seq(&self, session_id: &str) -> Result<u64, ArchiveError> {
-        let row = sqlx::query(
-            "SELECT coalesce(min(e.seq), 0) AS s FROM event_frames e
-             WHERE e.session_id = ?1
-               AND NOT EXISTS (SELECT 1 FROM event_frames n WHERE n.session_id = e.session_id AND n.seq = e.seq + 1)
-               AND EXISTS (SELECT 1 FROM event_frames o WHERE o.session_id = ?1 AND o.seq = 1)",
+        let mut rows = sqlx::query(
+            "SELECT first_seq, last_seq FROM event_chunks WHERE session_id = ? ORDER BY first_seq",
         )
         .bind(session_id)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get::<i64, _>("s")? as u64)
+        .fetch(&self.pool);
+        let mut next = 1u64;
+        while let Some(row) = rows.try_next().await? {
+            let first = row.try_get::<i64, _>("first_seq")? as u64;
+            if first > next {
+                break;
+            }
+            next = next.max(row.try_get::<i64, _>("last_seq")? as u64 + 1);
+        }
+        Ok(next - 1)
     }
 
     pub async fn archived_seq(&self, session_id: &str) -> Result<u64, ArchiveError> {
@@ -201,5 +260,87 @@ impl SqliteArchive {
     pub async fn health(&self) -> Result<(), ArchiveError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+/// Seqs fit SQLite's signed 64-bit integers (they count events).
+fn seq_param(seq: u64) -> i64 {
+    seq.min(i64::MAX as u64) as i64
+}
+
+/// Stores the part of `run` not stored yet, in chunks. Returns (events, bytes) newly stored.
+async fn insert_run(
+    tx: &mut SqliteConnection,
+    run: &chunk::Run<'_>,
+) -> Result<(u64, u64), ArchiveError> {
+    let (first, last) = (run.first_seq, run.last_seq());
+    let stored: Vec<(u64, u64)> = sqlx::query(OVERLAPPING)
+        .bind(run.session_id)
+        .bind(seq_param(first))
+        .bind(seq_param(last))
+        .bind(chunk::MAX_EVENTS as i64)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<i64, _>("first_seq")? as u64,
+                r.try_get::<i64, _>("last_seq")? as u64,
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    for (a, b) in chunk::uncovered(first, last, &stored) {
+        let frames = &run.frames[(a - first) as usize..=(b - first) as usize];
+        for piece in chunk::split(frames) {
+            let part = &frames[piece.clone()];
+            let encoded = chunk::encode(part);
+            sqlx::query(
+                "INSERT INTO event_chunks (session_id, first_seq, last_seq, frames, starts)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(run.session_id)
+            .bind(seq_param(a + piece.start as u64))
+            .bind(seq_param(a + piece.end as u64 - 1))
+            .bind(&encoded.frames)
+            .bind(&encoded.starts)
+            .execute(&mut *tx)
+            .await?;
+            rows += part.len() as u64;
+            bytes += part.iter().map(|f| f.len() as u64).sum::<u64>();
+        }
+    }
+    Ok((rows, bytes))
+}
+
+/// Moves the rows of the first layout's `event_frames` into chunks, a page at a time.
+/// Returns how many events it moved.
+async fn convert_first_layout(tx: &mut SqliteConnection) -> Result<u64, ArchiveError> {
+    const PAGE: i64 = 10_000;
+    let mut moved = 0u64;
+    let mut rowid = 0i64;
+    loop {
+        let rows = sqlx::query(
+            "SELECT rowid, session_id, seq, frame FROM event_frames WHERE rowid > ?
+             ORDER BY rowid LIMIT ?",
+        )
+        .bind(rowid)
+        .bind(PAGE)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(moved);
+        };
+        rowid = last.try_get("rowid")?;
+        let mut page = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let session_id: &str = r.try_get("session_id")?;
+            let seq = r.try_get::<i64, _>("seq")? as u64;
+            let frame: &str = r.try_get("frame")?;
+            page.push((session_id, seq, frame));
+        }
+        for run in chunk::runs(page) {
+            moved += insert_run(tx, &run).await?.0;
+        }
     }
 }

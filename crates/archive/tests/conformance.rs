@@ -32,6 +32,17 @@ fn events(session: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<ArchivedEve
         .collect()
 }
 
+fn seqs_of(frames: &[Bytes]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| {
+            serde_json::from_slice::<serde_json::Value>(f).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn session(id: &str) -> ArchivedSession {
     ArchivedSession {
         id: id.to_owned(),
@@ -40,6 +51,10 @@ fn session(id: &str) -> ArchivedSession {
         created_at_millis: 1_770_562_801_123,
     }
 }
+
+/// JSON that a re-serialisation would change: spacing, number forms, escapes.
+const ODD_PAYLOAD: &str =
+    r#"{"b": 1,  "a": [1, 2.50, 1e3, 12345678901234567890], "u": "\u00e9 ✓ \"q\" \n \u0000"}"#;
 
 /// The backend-independent part of the suite.
 async fn conformance(archive: &Archive) {
@@ -66,8 +81,7 @@ async fn conformance(archive: &Archive) {
     assert_eq!(archive.archived_seq("a").await.unwrap(), 3);
 
     // Byte-exact frames, odd JSON included.
-    let odd =
-        r#"{"b": 1,  "a": [1, 2.50, 1e3, 12345678901234567890], "u": "\u00e9 ✓ \"q\" \n \u0000"}"#;
+    let odd = ODD_PAYLOAD;
     let special = ArchivedEvent {
         session_id: "a".into(),
         seq: 4,
@@ -85,21 +99,28 @@ async fn conformance(archive: &Archive) {
     // Pagination.
     archive.insert_events(&events("a", 5..=20)).await.unwrap();
     let page = archive.read_events("a", 5, 10).await.unwrap();
-    let seqs: Vec<u64> = page
-        .iter()
-        .map(|f| {
-            serde_json::from_slice::<serde_json::Value>(f).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(seqs, (6..=15).collect::<Vec<_>>());
+    assert_eq!(seqs_of(&page), (6..=15).collect::<Vec<_>>());
     assert!(archive.read_events("a", 20, 10).await.unwrap().is_empty());
     assert!(archive
         .read_events("nobody", 0, 10)
         .await
         .unwrap()
         .is_empty());
+
+    // A re-sent batch overlapping what is stored adds only what is new, in order.
+    archive.upsert_sessions(&[session("p")]).await.unwrap();
+    archive.insert_events(&events("p", 1..=3)).await.unwrap();
+    archive.insert_events(&events("p", 7..=9)).await.unwrap();
+    let stats = archive.insert_events(&events("p", 2..=600)).await.unwrap();
+    assert_eq!((stats.attempted, stats.inserted), (599, 594));
+    let all = archive.read_events("p", 0, 1000).await.unwrap();
+    assert_eq!(seqs_of(&all), (1..=600).collect::<Vec<_>>());
+    assert_eq!(all[7], events("p", [8])[0].frame, "the first copy stays");
+    assert_eq!(
+        seqs_of(&archive.read_events("p", 300, 5).await.unwrap()),
+        (301..=305).collect::<Vec<_>>()
+    );
+    assert_eq!(archive.contiguous_seq("p").await.unwrap(), 600);
 
     // Holes: the contiguous prefix stops at the first missing seq.
     archive
@@ -170,6 +191,12 @@ async fn sqlite_backend_conforms() {
     assert_eq!(
         row.get::<String, _>("inserted_at"),
         "2026-02-08T15:00:01.127Z"
+    );
+    let odd_frame = frame(4, ODD_PAYLOAD, Some("key-4"), Some("agent"));
+    assert_eq!(
+        row.get::<String, _>("frame").as_bytes(),
+        &odd_frame[..],
+        "view frame is byte-exact"
     );
     let sessions = sqlx::query("SELECT * FROM sessions WHERE id = 'a'")
         .fetch_one(&pool)
@@ -283,4 +310,82 @@ async fn postgres_outage_fails_fast_and_recovers() {
     let stats = stats.expect("inserts work again after Postgres returns");
     assert_eq!(stats.inserted, 10);
     assert_eq!(archive.contiguous_seq("o").await.unwrap(), 20);
+}
+
+#[tokio::test]
+async fn sqlite_file_of_the_first_layout_is_converted_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("archive.sqlite3");
+    {
+        // The first layout: one row per event.
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        for statement in [
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, title TEXT, metadata TEXT NOT NULL DEFAULT '{}',
+                created_at TEXT NOT NULL, archived_seq INTEGER NOT NULL DEFAULT 0)",
+            "CREATE TABLE event_frames (session_id TEXT NOT NULL, seq INTEGER NOT NULL, frame TEXT NOT NULL)",
+            "CREATE UNIQUE INDEX event_frames_session_seq ON event_frames (session_id, seq)",
+            "CREATE VIEW events AS SELECT session_id, seq, frame FROM event_frames",
+            "INSERT INTO sessions (id, created_at, archived_seq) VALUES ('a', '2026-01-01T00:00:00.000Z', 300), ('b', '2026-01-01T00:00:00.000Z', 2)",
+        ] {
+            sqlx::query(statement).execute(&pool).await.unwrap();
+        }
+        // Interleaved as the archiver wrote them: both sessions, a hole in b.
+        let mut rows = events("a", 1..=300);
+        rows.extend(events("b", [1, 2, 4]));
+        rows.sort_by_key(|e| (e.seq, e.session_id.clone()));
+        for e in &rows {
+            sqlx::query("INSERT INTO event_frames (session_id, seq, frame) VALUES (?, ?, ?)")
+                .bind(&e.session_id)
+                .bind(e.seq as i64)
+                .bind(std::str::from_utf8(&e.frame).unwrap())
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        pool.close().await;
+    }
+
+    let archive = Archive::open_sqlite(&path).await.expect("converted");
+    let a = archive.read_events("a", 0, 1000).await.unwrap();
+    assert_eq!(
+        a,
+        events("a", 1..=300)
+            .into_iter()
+            .map(|e| e.frame)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(archive.contiguous_seq("a").await.unwrap(), 300);
+    assert_eq!(archive.contiguous_seq("b").await.unwrap(), 2);
+    assert_eq!(archive.archived_seq("a").await.unwrap(), 300);
+    assert_eq!(
+        seqs_of(&archive.read_events("b", 0, 10).await.unwrap()),
+        vec![1, 2, 4]
+    );
+    // Appending after the conversion continues the same history.
+    let stats = archive.insert_events(&events("b", 2..=5)).await.unwrap();
+    assert_eq!(stats.inserted, 2);
+    assert_eq!(archive.contiguous_seq("b").await.unwrap(), 5);
+    drop(archive);
+
+    // Opening again is a no-op; the old table is gone and the view shows every event.
+    let archive = Archive::open_sqlite(&path).await.expect("reopened");
+    assert_eq!(archive.contiguous_seq("a").await.unwrap(), 300);
+    drop(archive);
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let old: Option<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE name = 'event_frames'")
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+    assert_eq!(old, None);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 305);
 }
