@@ -20,6 +20,8 @@ pub const BATCH_EVENTS: usize = 5_000;
 /// Events per round trip with a per-replica archive (see `flush_rows`).
 const PACED_BATCH_EVENTS: usize = 1_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Share of the flush interval a round's batches are spread over (see `flush_rows`).
+const SPREAD: f64 = 0.6;
 
 #[derive(Debug, Clone)]
 pub struct ArchiverConfig {
@@ -145,13 +147,25 @@ async fn flush_rows(
     // moment; in small batches with a pause as long as each took, the archiver leaves the
     // replicas' Raft work room (p99 at half load 17 ms paced vs 96 ms in 5,000-event bursts,
     // docs/benchmarks.md) at half its peak rate (~25k events/s per node here, above a
-    // cluster's maximum append rate). A single node's archive is not paced: there it would
-    // fall behind the maximum append rate and barely change the latency.
+    // cluster's maximum append rate).
     let paced = node.config().per_replica_archive;
     let batch = if paced {
         PACED_BATCH_EVENTS
     } else {
         BATCH_EVENTS
+    };
+    // Otherwise the round's batches are spread over most of the flush interval instead of
+    // running back to back: the disk then takes the archive's writes a little at a time
+    // rather than as one burst that the log's commits queue behind. A backlog too large to
+    // spread (after an outage) is copied at full speed.
+    let gap = if paced || !acknowledge {
+        Duration::ZERO
+    } else {
+        batch_gap(
+            config.flush_interval,
+            node.archive_lag().pending_events,
+            batch,
+        )
     };
     loop {
         let started = Instant::now();
@@ -164,10 +178,20 @@ async fn flush_rows(
         if !full || !acknowledge {
             return Ok(total);
         }
-        if paced {
-            tokio::time::sleep(started.elapsed()).await;
-        }
+        let rest = if paced {
+            started.elapsed()
+        } else {
+            gap.saturating_sub(started.elapsed())
+        };
+        tokio::time::sleep(rest).await;
     }
+}
+
+/// Time from the start of one batch to the start of the next when `pending` events are spread
+/// over [`SPREAD`] of the interval in batches of `batch`.
+fn batch_gap(interval: Duration, pending: u64, batch: usize) -> Duration {
+    let batches = pending.div_ceil(batch.max(1) as u64).max(1);
+    interval.mul_f64(SPREAD) / batches.min(u32::MAX as u64) as u32
 }
 
 async fn flush_batch(
@@ -230,4 +254,23 @@ async fn flush_batch(
         Err(e) => tracing::warn!(error = %e, "archive acknowledgements not logged"),
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_is_spread_over_most_of_the_interval() {
+        let interval = Duration::from_secs(5);
+        // 150,000 events: 30 batches, one every 100 ms.
+        assert_eq!(
+            batch_gap(interval, 150_000, 5_000),
+            Duration::from_millis(100)
+        );
+        // One batch or none: nothing to wait for after it.
+        assert_eq!(batch_gap(interval, 10, 5_000), Duration::from_secs(3));
+        // A huge backlog: gaps shorter than a batch takes, so it drains at full speed.
+        assert!(batch_gap(interval, 50_000_000, 5_000) < Duration::from_millis(1));
+    }
 }
