@@ -32,3 +32,6 @@ else
   archive=(--postgres-throwaway)
 fi
 "$bin/starcite-bench" drill --seed 3 --duration 25 --fault-every-ms 2500 "${archive[@]}"
+
+echo "==> fault-injection drill (3-node cluster, each node's own SQLite archive, seeded, ~20 s)"
+"$bin/starcite-bench" drill --seed 3 --duration 15 --fault-every-ms 2500

@@ -1529,17 +1529,19 @@ async fn sqlite_connect(path: &Path) -> Result<sqlx::SqliteConnection, String> {
         .map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
-/// Rows per session in a node's archive file (none if it does not exist yet).
+/// Events per session in a node's archive file (none if it does not exist yet).
 async fn sqlite_counts(path: &Path) -> Result<Vec<(String, u64)>, String> {
     use sqlx::{Connection, Row};
     if !path.exists() {
         return Ok(Vec::new());
     }
     let mut conn = sqlite_connect(path).await?;
-    let rows = sqlx::query("SELECT session_id, count(*) FROM event_frames GROUP BY session_id")
-        .fetch_all(&mut conn)
-        .await
-        .map_err(|e| format!("count in {}: {e}", path.display()))?;
+    let rows = sqlx::query(
+        "SELECT session_id, sum(last_seq - first_seq + 1) FROM event_chunks GROUP BY session_id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(|e| format!("count in {}: {e}", path.display()))?;
     let _ = conn.close().await;
     rows.iter()
         .map(|r| {
