@@ -159,23 +159,62 @@ fn request_id(headers: &HeaderMap) -> String {
     format!("{prefix}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Past the limit, up to this much more of a body is read and dropped before the 413 goes
+/// out: a connection closed with unread data in it is reset, and the client, still sending,
+/// would see a broken pipe instead of the answer.
+const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
+/// And for at most this long.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Reads a body up to the configured limit.
 async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<bytes::Bytes, ApiError> {
+    use futures_util::StreamExt;
     let limit = state.config.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
     if declared.is_some_and(|n| n > limit) {
+        if declared.is_some_and(|n| n - limit <= DRAIN_BYTES) {
+            drain(stream).await;
+        }
         return Err(ApiError::payload_too_large(limit));
     }
-    axum::body::to_bytes(body, limit as usize)
-        .await
-        .map_err(|_| ApiError::payload_too_large(limit))
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    let mut len = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::payload_too_large(limit))?;
+        len += chunk.len() as u64;
+        if len > limit {
+            drain(stream).await;
+            return Err(ApiError::payload_too_large(limit));
+        }
+        chunks.push(chunk);
+    }
+    Ok(match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
+    })
+}
+
+/// Reads and drops the rest of a refused body, bounded by [`DRAIN_BYTES`] and [`DRAIN_TIME`].
+async fn drain(mut stream: axum::body::BodyDataStream) {
+    use futures_util::StreamExt;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut read = 0u64;
+        while let Some(Ok(chunk)) = stream.next().await {
+            read += chunk.len() as u64;
+            if read > DRAIN_BYTES {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 /// A path id that breaks the id rules cannot name an existing session.
