@@ -29,6 +29,8 @@ pub enum ArchiveError {
     Database(#[from] sqlx::Error),
     #[error("stored event frame is not valid: {0}")]
     BadFrame(String),
+    #[error("the archive file has layout {found}, newer than this build's {known}; run a newer starcite")]
+    NewerLayout { found: i64, known: i64 },
 }
 
 /// A session header as the archive stores it.

@@ -106,9 +106,10 @@ impl SqliteArchive {
             .fetch_one(&mut *tx)
             .await?;
         if version > LAYOUT_VERSION {
-            return Err(ArchiveError::BadFrame(format!(
-                "the archive file has layout {version}, newer than this build's {LAYOUT_VERSION}"
-            )));
+            return Err(ArchiveError::NewerLayout {
+                found: version,
+                known: LAYOUT_VERSION,
+            });
         }
         for statement in SCHEMA {
             sqlx::query(statement).execute(&mut *tx).await?;

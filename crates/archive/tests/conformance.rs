@@ -389,3 +389,26 @@ async fn sqlite_file_of_the_first_layout_is_converted_on_open() {
         .unwrap();
     assert_eq!(count, 305);
 }
+
+#[tokio::test]
+async fn sqlite_file_of_a_newer_layout_is_refused_not_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("archive.sqlite3");
+    drop(Archive::open_sqlite(&path).await.expect("new file"));
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("PRAGMA user_version = 99")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let err = Archive::open_sqlite(&path).await.err().expect("refused");
+    assert!(
+        matches!(
+            err,
+            starcite_archive::ArchiveError::NewerLayout { found: 99, .. }
+        ),
+        "{err}"
+    );
+}

@@ -1536,12 +1536,12 @@ async fn sqlite_counts(path: &Path) -> Result<Vec<(String, u64)>, String> {
         return Ok(Vec::new());
     }
     let mut conn = sqlite_connect(path).await?;
-    let rows = sqlx::query(
-        "SELECT session_id, sum(last_seq - first_seq + 1) FROM event_chunks GROUP BY session_id",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .map_err(|e| format!("count in {}: {e}", path.display()))?;
+    // Through the `events` view, like the history read below: the drill checks what an
+    // operator sees, whatever the table layout behind it.
+    let rows = sqlx::query("SELECT session_id, count(*) FROM events GROUP BY session_id")
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| format!("count in {}: {e}", path.display()))?;
     let _ = conn.close().await;
     rows.iter()
         .map(|r| {

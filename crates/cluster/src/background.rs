@@ -128,10 +128,8 @@ pub(crate) async fn compact_log(node: Weak<Node>) {
         if last_forced.is_empty() {
             last_forced = vec![None; node.groups.len()];
         }
-        let (oldest, mut pinning) = node.log.pinning_groups();
-        if oldest >= node.log.current_segment() {
-            pinning.clear();
-        }
+        // Only groups holding a closed segment: the one being written cannot be freed.
+        let (_, pinning) = node.log.pinning_groups();
         let every = node.config().snapshot_every_entries;
         let (due, forced) = snapshots_due(
             node.log.disk_bytes(),

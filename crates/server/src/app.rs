@@ -179,8 +179,8 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut stream = body.into_data_stream();
-    if declared.is_some_and(|n| n > limit) {
-        if declared.is_some_and(|n| n - limit <= DRAIN_BYTES) {
+    if let Some(declared) = declared.filter(|&n| n > limit) {
+        if declared - limit <= DRAIN_BYTES {
             drain(stream).await;
         }
         return Err(ApiError::payload_too_large(limit));

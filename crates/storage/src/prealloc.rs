@@ -145,7 +145,9 @@ fn zero_fill(path: &Path, bytes: u64, stop: &AtomicBool) -> Result<(), StorageEr
             .and_then(|_| file.sync_data())
             .map_err(io())?;
         written += n as u64;
-        std::thread::sleep(started.elapsed() * REST_PER_BUSY);
+        if written < bytes {
+            std::thread::sleep(started.elapsed() * REST_PER_BUSY);
+        }
     }
     Ok(())
 }
