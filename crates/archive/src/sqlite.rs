@@ -62,10 +62,16 @@ const SCHEMA: &[&str] = &[
      FROM event_chunks c, json_each(c.frames) j",
 ];
 
-/// Chunks that may hold seqs in `?2..=?3` of session `?1`, ascending.
-const OVERLAPPING: &str = "SELECT first_seq, last_seq FROM event_chunks
-     WHERE session_id = ?1 AND first_seq > ?2 - ?4 AND first_seq <= ?3 AND last_seq >= ?2
-     ORDER BY first_seq";
+/// For each run `[session, first, last]` of the JSON array `?1` (by its position, `run`), the
+/// chunks that may hold seqs in `first..=last`, ascending. A chunk holds at most `?2` events,
+/// so only chunks starting after `first - ?2` can reach `first`: the index does the search.
+const OVERLAPPING: &str = "SELECT r.key AS run, c.first_seq AS first_seq, c.last_seq AS last_seq
+     FROM json_each(?1) AS r CROSS JOIN event_chunks AS c
+     WHERE c.session_id = r.value ->> 0
+       AND c.first_seq > (r.value ->> 1) - ?2
+       AND c.first_seq <= r.value ->> 2
+       AND c.last_seq >= r.value ->> 1
+     ORDER BY r.key, c.first_seq";
 
 pub struct SqliteArchive {
     pool: SqlitePool,
@@ -172,11 +178,9 @@ impl SqliteArchive {
         // Immediate: the transaction reads what is stored before it writes, and no other
         // writer may slip in between.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for run in chunk::runs(parsed) {
-            let (rows, bytes) = insert_run(&mut tx, &run).await?;
-            stats.inserted += rows;
-            stats.bytes_inserted += bytes;
-        }
+        let (rows, bytes) = insert_runs(&mut tx, &chunk::runs(parsed)).await?;
+        stats.inserted = rows;
+        stats.bytes_inserted = bytes;
         // One statement advances every session's archive mark in this batch.
         let marks = max_seq_per_session(events);
         for batch in marks.chunks(ROWS_PER_STATEMENT) {
@@ -269,49 +273,99 @@ fn seq_param(seq: u64) -> i64 {
     seq.min(i64::MAX as u64) as i64
 }
 
-/// Stores the part of `run` not stored yet, in chunks. Returns (events, bytes) newly stored.
-async fn insert_run(
+/// Chunks per multi-row INSERT (5 bound values each, well under SQLite's variable limit).
+const CHUNKS_PER_STATEMENT: usize = 1000;
+
+/// Stores the parts of `runs` not stored yet, in chunks. Returns (events, bytes) newly
+/// stored. A few statements for the whole batch, whatever the number of sessions in it: every
+/// statement is a round trip to the connection's thread, and one per session was most of the
+/// archive's cost when a flush spans hundreds of sessions.
+async fn insert_runs(
     tx: &mut SqliteConnection,
-    run: &chunk::Run<'_>,
+    runs: &[chunk::Run<'_>],
 ) -> Result<(u64, u64), ArchiveError> {
-    let (first, last) = (run.first_seq, run.last_seq());
-    let stored: Vec<(u64, u64)> = sqlx::query(OVERLAPPING)
-        .bind(run.session_id)
-        .bind(seq_param(first))
-        .bind(seq_param(last))
-        .bind(chunk::MAX_EVENTS as i64)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok((
-                r.try_get::<i64, _>("first_seq")? as u64,
-                r.try_get::<i64, _>("last_seq")? as u64,
-            ))
-        })
-        .collect::<Result<_, sqlx::Error>>()?;
+    if runs.is_empty() {
+        return Ok((0, 0));
+    }
+    let stored = stored_ranges(tx, runs).await?;
+    let mut pieces: Vec<(&str, u64, u64, chunk::Encoded)> = Vec::new();
     let (mut rows, mut bytes) = (0u64, 0u64);
-    for (a, b) in chunk::uncovered(first, last, &stored) {
-        let frames = &run.frames[(a - first) as usize..=(b - first) as usize];
-        for piece in chunk::split(frames) {
-            let part = &frames[piece.clone()];
-            let encoded = chunk::encode(part);
-            sqlx::query(
-                "INSERT INTO event_chunks (session_id, first_seq, last_seq, frames, starts)
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(run.session_id)
-            .bind(seq_param(a + piece.start as u64))
-            .bind(seq_param(a + piece.end as u64 - 1))
-            .bind(&encoded.frames)
-            .bind(&encoded.starts)
-            .execute(&mut *tx)
-            .await?;
-            rows += part.len() as u64;
-            bytes += part.iter().map(|f| f.len() as u64).sum::<u64>();
+    for (run, stored) in runs.iter().zip(&stored) {
+        let (first, last) = (run.first_seq, run.last_seq());
+        for (a, b) in chunk::uncovered(first, last, stored) {
+            let frames = &run.frames[(a - first) as usize..=(b - first) as usize];
+            for piece in chunk::split(frames) {
+                let part = &frames[piece.clone()];
+                rows += part.len() as u64;
+                bytes += part.iter().map(|f| f.len() as u64).sum::<u64>();
+                pieces.push((
+                    run.session_id,
+                    a + piece.start as u64,
+                    a + piece.end as u64 - 1,
+                    chunk::encode(part),
+                ));
+            }
         }
     }
+    for batch in pieces.chunks(CHUNKS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO event_chunks (session_id, first_seq, last_seq, frames, starts) ",
+        );
+        q.push_values(batch, |mut row, (session_id, first, last, encoded)| {
+            row.push_bind(*session_id)
+                .push_bind(seq_param(*first))
+                .push_bind(seq_param(*last))
+                .push_bind(encoded.frames.as_str())
+                .push_bind(encoded.starts.as_str());
+        });
+        // The row count varies per batch: not worth a place in the statement cache.
+        q.build().persistent(false).execute(&mut *tx).await?;
+    }
     Ok((rows, bytes))
+}
+
+/// For each run, the (ascending) seq ranges of the chunks already stored that overlap it, in
+/// one query: the runs go in as a JSON array of `[session, first, last]`.
+async fn stored_ranges(
+    tx: &mut SqliteConnection,
+    runs: &[chunk::Run<'_>],
+) -> Result<Vec<Vec<(u64, u64)>>, ArchiveError> {
+    use serde_json::Value;
+    let keys = Value::Array(
+        runs.iter()
+            .map(|r| {
+                Value::Array(vec![
+                    r.session_id.into(),
+                    seq_param(r.first_seq).into(),
+                    seq_param(r.last_seq()).into(),
+                ])
+            })
+            .collect(),
+    )
+    .to_string();
+    let mut stored = vec![Vec::new(); runs.len()];
+    let mut rows = sqlx::query(OVERLAPPING)
+        .bind(keys)
+        .bind(chunk::MAX_EVENTS as i64)
+        .fetch(&mut *tx);
+    while let Some(row) = rows.try_next().await? {
+        let run = row.try_get::<i64, _>("run")? as usize;
+        let range = (
+            row.try_get::<i64, _>("first_seq")? as u64,
+            row.try_get::<i64, _>("last_seq")? as u64,
+        );
+        match stored.get_mut(run) {
+            Some(ranges) => ranges.push(range),
+            None => {
+                return Err(sqlx::Error::Protocol(format!(
+                    "overlap lookup named run {run} of {}",
+                    runs.len()
+                ))
+                .into())
+            }
+        }
+    }
+    Ok(stored)
 }
 
 /// Moves the rows of the first layout's `event_frames` into chunks, a page at a time.
@@ -340,8 +394,6 @@ async fn convert_first_layout(tx: &mut SqliteConnection) -> Result<u64, ArchiveE
             let frame: &str = r.try_get("frame")?;
             page.push((session_id, seq, frame));
         }
-        for run in chunk::runs(page) {
-            moved += insert_run(tx, &run).await?.0;
-        }
+        moved += insert_runs(tx, &chunk::runs(page)).await?.0;
     }
 }

@@ -150,6 +150,30 @@ async fn conformance(archive: &Archive) {
     assert_eq!(tail.len(), 10);
     assert_eq!(tail[9], big[19_999].frame);
 
+    // One batch across many sessions (more than one statement's worth), some of them partly
+    // stored already: each session gets exactly its missing seqs.
+    let ids: Vec<String> = (0..1_500).map(|i| format!("m{i}")).collect();
+    let headers: Vec<ArchivedSession> = ids.iter().map(|id| session(id)).collect();
+    archive.upsert_sessions(&headers).await.unwrap();
+    let mut partly = Vec::new();
+    for id in ids.iter().step_by(3) {
+        partly.extend(events(id, [2, 4]));
+    }
+    archive.insert_events(&partly).await.unwrap();
+    let mut wide = Vec::new();
+    for id in &ids {
+        wide.extend(events(id, 1..=5));
+    }
+    let stats = archive.insert_events(&wide).await.expect("wide batch");
+    assert_eq!(stats.attempted, 7_500);
+    assert_eq!(stats.inserted, 7_500 - 2 * 500);
+    for id in [&ids[0], &ids[1], &ids[1_497], &ids[1_499]] {
+        let read = archive.read_events(id, 0, 10).await.unwrap();
+        assert_eq!(seqs_of(&read), vec![1, 2, 3, 4, 5], "{id}");
+        assert_eq!(archive.contiguous_seq(id).await.unwrap(), 5, "{id}");
+        assert_eq!(archive.archived_seq(id).await.unwrap(), 5, "{id}");
+    }
+
     // A frame filed under the wrong seq is refused, not stored.
     let wrong = ArchivedEvent {
         session_id: "a".into(),
