@@ -16,8 +16,13 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use std::path::Path;
 use std::time::Duration;
 
-/// Rows per INSERT statement (3 bound values each, well under SQLite's variable limit).
-const ROWS_PER_STATEMENT: usize = 2000;
+/// Bound values per multi-row statement, well under SQLite's limit (32,766).
+const VALUES_PER_STATEMENT: usize = 5_000;
+
+/// Rows per multi-row statement whose rows bind `values_per_row` values each.
+const fn rows_per_statement(values_per_row: usize) -> usize {
+    VALUES_PER_STATEMENT / values_per_row
+}
 
 /// `PRAGMA user_version` of the current layout; 0 is a new file or the first layout (one row
 /// per event in `event_frames`), which opening converts.
@@ -141,7 +146,7 @@ impl SqliteArchive {
 
     pub async fn upsert_sessions(&self, sessions: &[ArchivedSession]) -> Result<(), ArchiveError> {
         let mut tx = self.pool.begin().await?;
-        for chunk in sessions.chunks(ROWS_PER_STATEMENT) {
+        for chunk in sessions.chunks(rows_per_statement(4)) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT OR IGNORE INTO sessions (id, title, metadata, created_at) ",
             );
@@ -183,7 +188,7 @@ impl SqliteArchive {
         stats.bytes_inserted = bytes;
         // One statement advances every session's archive mark in this batch.
         let marks = max_seq_per_session(events);
-        for batch in marks.chunks(ROWS_PER_STATEMENT) {
+        for batch in marks.chunks(rows_per_statement(2)) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "UPDATE sessions SET archived_seq = max(sessions.archived_seq, v.column2) FROM (",
             );
@@ -273,9 +278,6 @@ fn seq_param(seq: u64) -> i64 {
     seq.min(i64::MAX as u64) as i64
 }
 
-/// Chunks per multi-row INSERT (5 bound values each, well under SQLite's variable limit).
-const CHUNKS_PER_STATEMENT: usize = 1000;
-
 /// Stores the parts of `runs` not stored yet, in chunks. Returns (events, bytes) newly
 /// stored. A few statements for the whole batch, whatever the number of sessions in it: every
 /// statement is a round trip to the connection's thread, and one per session was most of the
@@ -307,7 +309,7 @@ async fn insert_runs(
             }
         }
     }
-    for batch in pieces.chunks(CHUNKS_PER_STATEMENT) {
+    for batch in pieces.chunks(rows_per_statement(5)) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO event_chunks (session_id, first_seq, last_seq, frames, starts) ",
         );
