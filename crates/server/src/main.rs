@@ -87,6 +87,9 @@ fn serve(mut config: ServeConfig) -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging(&config.log_format);
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::debug!(error = %e, "cannot turn transparent huge pages off");
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.worker_threads {
         runtime.worker_threads(usize::from(n));
@@ -189,12 +192,12 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     }
 
     let (archiver_stop, archiver_stopped) = tokio::sync::watch::channel(false);
-    let archiver = tokio::spawn(archive_loop(
+    let archiver = spawn_archiver(
         config.clone(),
         node.clone(),
         state.archive.clone(),
         archiver_stopped,
-    ));
+    )?;
 
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -219,6 +222,43 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How much lower than the request path the archiver's thread runs (a `nice` increment). Its
+/// work can wait; appends and tails cannot. It still gets about a tenth of a busy core, more
+/// than it needs to keep up with the append rate (see docs/benchmarks.md).
+const ARCHIVER_NICE: i32 = 10;
+
+/// Runs the archiver on a thread of its own, at a lower CPU priority, with its own
+/// single-threaded runtime: batch encoding, its database connections (their threads inherit
+/// the priority; so do the embedded archive's SQLite writes and checkpoints) and its disk
+/// writes then wait for the request path instead of holding one of its workers. Resolves
+/// when the archiver has stopped.
+fn spawn_archiver(
+    config: ServeConfig,
+    node: Arc<Node>,
+    slot: Arc<OnceLock<Arc<starcite_archive::Archive>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::sync::oneshot::Receiver<()>, String> {
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("starcite-archive".into())
+        .spawn(move || {
+            // `None` is the calling thread on Linux (nice is per thread there).
+            if let Err(e) = rustix::process::setpriority_process(None, ARCHIVER_NICE) {
+                tracing::warn!(error = %e, "cannot lower the archiver's priority; it runs at the request path's");
+            }
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(archive_loop(config, node, slot, stop)),
+                Err(e) => tracing::error!(error = %e, "cannot start the archiver's runtime; nothing is archived"),
+            }
+            let _ = stopped_tx.send(());
+        })
+        .map_err(|e| format!("cannot start the archiver thread: {e}"))?;
+    Ok(stopped_rx)
 }
 
 /// Connects the archive (retrying with backoff: the node serves appends and tails meanwhile),

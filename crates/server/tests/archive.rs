@@ -570,3 +570,49 @@ async fn a_healthy_archive_keeps_memory_in_budget_without_spilling() {
         assert_contiguous(&ws_events(&server, id, 0, 1000).await, 1);
     }
 }
+
+/// `(thread name, nice)` of every thread of a running process, from `/proc`.
+fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's threads");
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            // `pid (comm) state …`: the name may hold spaces, so split after its last `)`.
+            let open = stat.find('(')?;
+            let close = stat.rfind(')')?;
+            let name = stat[open + 1..close].to_owned();
+            // After the name: state is field 3 of stat(5), nice field 19.
+            let nice = stat[close + 1..].split_whitespace().nth(16)?.parse().ok()?;
+            Some((name, nice))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_archiver_and_its_sqlite_connection_run_below_the_request_path() {
+    let server = Server::start(&FAST_ARCHIVE).await;
+    let client = reqwest::Client::new();
+    create(&client, &server, "ses_niced").await;
+    append_n(&client, &server, "ses_niced", 1, 5).await;
+    wait_archived(&server).await;
+    let threads = thread_priorities(server.pid());
+    let nice_of = |prefix: &str| -> Vec<i64> {
+        threads
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, nice)| *nice)
+            .collect()
+    };
+    let archiver = nice_of("starcite-archiv");
+    let sqlite = nice_of("sqlx-sqlite");
+    let workers = nice_of("tokio-rt-worker");
+    assert_eq!(archiver, vec![10], "the archiver thread: {threads:?}");
+    assert!(
+        !sqlite.is_empty() && sqlite.iter().all(|&n| n == 10),
+        "the archive's SQLite connection threads inherit the archiver's priority: {threads:?}"
+    );
+    assert!(
+        !workers.is_empty() && workers.iter().all(|&n| n == 0),
+        "the request path keeps the normal priority: {threads:?}"
+    );
+}
