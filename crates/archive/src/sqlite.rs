@@ -310,8 +310,11 @@ async fn insert_runs(
         }
     }
     for batch in pieces.chunks(rows_per_statement(5)) {
+        // `OR IGNORE`: nothing here can conflict (the overlap query above ran in this
+        // transaction), and a statement that cannot abort needs no statement journal, which
+        // otherwise copies every page the insert touches before changing it.
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO event_chunks (session_id, first_seq, last_seq, frames, starts) ",
+            "INSERT OR IGNORE INTO event_chunks (session_id, first_seq, last_seq, frames, starts) ",
         );
         q.push_values(batch, |mut row, (session_id, first, last, encoded)| {
             row.push_bind(*session_id)
