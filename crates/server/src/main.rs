@@ -225,15 +225,15 @@ async fn run(config: ServeConfig) -> Result<(), String> {
 }
 
 /// How much lower than the request path the archiver's thread runs (a `nice` increment). Its
-/// work can wait; appends and tails cannot. It still gets about a tenth of a busy core, more
-/// than it needs to keep up with the append rate (see docs/benchmarks.md).
+/// work can wait; appends and tails cannot. Under a load that keeps both cores busy it still
+/// kept up with the appends (docs/benchmarks.md, fourth session).
 const ARCHIVER_NICE: i32 = 10;
 
 /// Runs the archiver on a thread of its own, at a lower CPU priority, with its own
-/// single-threaded runtime: batch encoding, its database connections (their threads inherit
-/// the priority; so do the embedded archive's SQLite writes and checkpoints) and its disk
-/// writes then wait for the request path instead of holding one of its workers. Resolves
-/// when the archiver has stopped.
+/// single-threaded runtime: batch encoding and its database connections (their threads
+/// inherit the priority, so the embedded archive's SQLite writes and checkpoints do too) then
+/// wait for the request path instead of holding one of its workers or cores. Resolves when
+/// the archiver has stopped.
 fn spawn_archiver(
     config: ServeConfig,
     node: Arc<Node>,
