@@ -17,8 +17,6 @@ use tokio::sync::watch;
 
 /// Events per round trip to the archive.
 pub const BATCH_EVENTS: usize = 5_000;
-/// Events per round trip with a per-replica archive (see `flush_rows`).
-const PACED_BATCH_EVENTS: usize = 1_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Share of the flush interval a round's batches are spread over (see `flush_rows`).
 const SPREAD: f64 = 0.6;
@@ -144,16 +142,12 @@ async fn flush_rows(
 ) -> Result<u64, ArchiveError> {
     let mut total = 0;
     // With a per-replica archive every replica archives every event at about the same
-    // moment; in small batches with a pause as long as each took, the archiver leaves the
-    // replicas' Raft work room (p99 at half load 17 ms paced vs 96 ms in 5,000-event bursts,
-    // docs/benchmarks.md) at half its peak rate (~25k events/s per node here, above a
-    // cluster's maximum append rate).
+    // moment; a pause as long as each batch took leaves the replicas' Raft work room. The
+    // batches are full-size since the archiver runs below the request path's priority: with
+    // 1,000-event batches (which had paid while it did not) the half-load p99 and the maximum
+    // rate were both worse (docs/benchmarks.md, fourth session).
     let paced = node.config().per_replica_archive;
-    let batch = if paced {
-        PACED_BATCH_EVENTS
-    } else {
-        BATCH_EVENTS
-    };
+    let batch = BATCH_EVENTS;
     // Otherwise the round's batches are spread over most of the flush interval instead of
     // running back to back: the disk then takes the archive's writes a little at a time
     // rather than as one burst that the log's commits queue behind. A backlog too large to
