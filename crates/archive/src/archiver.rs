@@ -141,51 +141,52 @@ async fn flush_rows(
     acknowledge: bool,
 ) -> Result<u64, ArchiveError> {
     let mut total = 0;
-    // With a per-replica archive every replica archives every event at about the same
-    // moment; a pause as long as each batch took leaves the replicas' Raft work room. The
-    // batches are full-size since the archiver runs below the request path's priority: with
-    // 1,000-event batches (which had paid while it did not) the half-load p99 and the maximum
-    // rate were both worse (docs/benchmarks.md, fourth session).
-    let paced = node.config().per_replica_archive;
-    let batch = BATCH_EVENTS;
-    // Otherwise the round's batches are spread over most of the flush interval instead of
-    // running back to back: the disk then takes the archive's writes a little at a time
-    // rather than as one burst that the log's commits queue behind. A backlog too large to
-    // spread (after an outage) is copied at full speed.
-    let gap = if paced || !acknowledge {
-        Duration::ZERO
-    } else {
-        batch_gap(
-            config.flush_interval,
-            node.archive_lag().pending_events,
-            batch,
-        )
-    };
+    // A round's batches are spread over most of the flush interval instead of running back to
+    // back: the disk then takes the archive's writes a little at a time rather than as one
+    // burst that the log's commits queue behind. With a per-replica archive (every replica
+    // archiving every event at about the same moment) that matters three times over.
+    let pacer = RoundPacer::new(Instant::now(), config.flush_interval, BATCH_EVENTS);
     loop {
-        let started = Instant::now();
-        let backlog = node.archive_backlog(batch).await;
+        let backlog = node.archive_backlog(BATCH_EVENTS).await;
         if backlog.is_empty() {
             return Ok(total);
         }
-        let full = backlog.event_count() >= batch;
+        let full = backlog.event_count() >= BATCH_EVENTS;
         total += flush_batch(node, archive, config, backlog, acknowledge).await?;
         if !full || !acknowledge {
             return Ok(total);
         }
-        let rest = if paced {
-            started.elapsed()
-        } else {
-            gap.saturating_sub(started.elapsed())
-        };
-        tokio::time::sleep(rest).await;
+        let gap = pacer.gap(Instant::now(), node.archive_lag().pending_events);
+        tokio::time::sleep(gap).await;
     }
 }
 
-/// Time from the start of one batch to the start of the next when `pending` events are spread
-/// over [`SPREAD`] of the interval in batches of `batch`.
-fn batch_gap(interval: Duration, pending: u64, batch: usize) -> Duration {
-    let batches = pending.div_ceil(batch.max(1) as u64).max(1);
-    interval.mul_f64(SPREAD) / batches.min(u32::MAX as u64) as u32
+/// Spreads one round's batches over [`SPREAD`] of the flush interval. The pause before each
+/// batch is planned anew from what is pending then: the backlog grows while a round runs, and
+/// a pause fixed at the round's start (from a backlog that happened to be small) let the
+/// archive fall behind a steady load for good.
+struct RoundPacer {
+    deadline: Instant,
+    batch: u64,
+}
+
+impl RoundPacer {
+    fn new(started: Instant, interval: Duration, batch: usize) -> Self {
+        RoundPacer {
+            deadline: started + interval.mul_f64(SPREAD),
+            batch: batch.max(1) as u64,
+        }
+    }
+
+    /// The pause before the next batch: the time left until the deadline shared by the
+    /// batches `pending` still needs; none once the deadline has passed (a backlog too large
+    /// to spread, after an outage or under a load the spread cannot keep up with, drains at
+    /// full speed).
+    fn gap(&self, now: Instant, pending: u64) -> Duration {
+        let left = self.deadline.saturating_duration_since(now);
+        let batches = pending.div_ceil(self.batch).max(1);
+        left / batches.min(u32::MAX as u64) as u32
+    }
 }
 
 async fn flush_batch(
@@ -256,15 +257,28 @@ mod tests {
 
     #[test]
     fn a_round_is_spread_over_most_of_the_interval() {
-        let interval = Duration::from_secs(5);
-        // 150,000 events: 30 batches, one every 100 ms.
-        assert_eq!(
-            batch_gap(interval, 150_000, 5_000),
-            Duration::from_millis(100)
-        );
-        // One batch or none: nothing to wait for after it.
-        assert_eq!(batch_gap(interval, 10, 5_000), Duration::from_secs(3));
+        let start = Instant::now();
+        let pacer = RoundPacer::new(start, Duration::from_secs(5), 5_000);
+        // 150,000 events at the start: 30 batches over 3 s, one every 100 ms.
+        assert_eq!(pacer.gap(start, 150_000), Duration::from_millis(100));
+        // One batch left: it may wait for the rest of the spread.
+        assert_eq!(pacer.gap(start, 10), Duration::from_secs(3));
         // A huge backlog: gaps shorter than a batch takes, so it drains at full speed.
-        assert!(batch_gap(interval, 50_000_000, 5_000) < Duration::from_millis(1));
+        assert!(pacer.gap(start, 50_000_000) < Duration::from_millis(1));
+    }
+
+    #[test]
+    fn the_pause_follows_a_backlog_that_grows_during_the_round() {
+        let start = Instant::now();
+        let pacer = RoundPacer::new(start, Duration::from_secs(5), 5_000);
+        // The round began with a small backlog (two batches: 1.5 s apart)...
+        assert_eq!(pacer.gap(start, 6_000), Duration::from_millis(1_500));
+        // ...but a steady load grew it: a second later the 2 s left are shared by 20
+        // batches, not spent 1.5 s per batch (which archived 3,300 events/s whatever came in).
+        let later = start + Duration::from_secs(1);
+        assert_eq!(pacer.gap(later, 100_000), Duration::from_millis(100));
+        // Past the spread's deadline, what is still pending drains without pauses.
+        let past = start + Duration::from_secs(4);
+        assert_eq!(pacer.gap(past, 100_000), Duration::ZERO);
     }
 }
