@@ -22,8 +22,8 @@ use std::time::Instant;
 const SPARE_NAME: &str = "wal-spare.tmp";
 /// Zeroes are written and flushed 128 KiB at a time, so the fill never builds a writeback
 /// burst that the log's own commits would queue behind: a commit's `fdatasync` waits for the
-/// chunk in the disk's queue, and a MiB chunk (about 3 ms here) made one commit in a hundred
-/// take over 2 ms while a segment was being filled.
+/// chunk in the disk's queue, and MiB chunks (about 3 ms each here) made about ten commits a
+/// second take over 2 ms while a segment was being filled.
 const CHUNK: usize = 128 * 1024;
 /// After each chunk the helper rests this many times as long as the chunk took: the disk
 /// spends at most a third of its time on zeroes, so commits never queue behind a run of
