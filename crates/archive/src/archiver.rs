@@ -105,13 +105,13 @@ pub async fn run(
             _ = stopped(&mut stop) => {
                 // Last copy before stopping: rows only. The marks would go through Raft,
                 // which may have no quorum while a whole cluster stops; re-sending is harmless.
-                if let Err(e) = flush_rows(&node, &archive, &config, false).await {
+                if let Err(e) = flush_rows(&node, &archive, &config, None).await {
                     tracing::warn!(error = %e, "final archive flush failed; the log still holds everything");
                 }
                 return;
             }
         }
-        match flush_all(&node, &archive, &config).await {
+        match flush_rows(&node, &archive, &config, Some(&mut stop)).await {
             Ok(_) => backoff = config.flush_interval,
             Err(e) => {
                 metrics::counter!(FAILURES).increment(1);
@@ -122,24 +122,18 @@ pub async fn run(
     }
 }
 
-/// Flushes batches until nothing durable is left unarchived. Returns events archived.
-pub async fn flush_all(
-    node: &Node,
-    archive: &Archive,
-    config: &ArchiverConfig,
-) -> Result<u64, ArchiveError> {
-    flush_rows(node, archive, config, true).await
-}
-
-/// Copies batches to the archive; with `acknowledge`, also replicates the archive marks (which
-/// lets replicas trim memory). Without, only the first batch (the marks do not move, so the
-/// same rows would come back).
+/// Copies batches to the archive until nothing durable is left unarchived, and replicates
+/// the archive marks (which lets replicas trim memory); returns the events archived. A stop
+/// signal ends the round at its next pause (the caller makes the last flush). Without `stop`
+/// (the last flush while stopping) it copies one batch of rows only: the marks would go
+/// through Raft, and without them moving the same rows would come back.
 async fn flush_rows(
     node: &Node,
     archive: &Archive,
     config: &ArchiverConfig,
-    acknowledge: bool,
+    mut stop: Option<&mut watch::Receiver<bool>>,
 ) -> Result<u64, ArchiveError> {
+    let acknowledge = stop.is_some();
     let mut total = 0;
     // A round's batches are spread over most of the flush interval instead of running back to
     // back: the disk then takes the archive's writes a little at a time rather than as one
@@ -153,11 +147,16 @@ async fn flush_rows(
         }
         let full = backlog.event_count() >= BATCH_EVENTS;
         total += flush_batch(node, archive, config, backlog, acknowledge).await?;
-        if !full || !acknowledge {
+        let Some(stop) = stop.as_deref_mut().filter(|_| full) else {
             return Ok(total);
-        }
+        };
         let gap = pacer.gap(Instant::now(), node.archive_lag().pending_events);
-        tokio::time::sleep(gap).await;
+        tokio::select! {
+            _ = tokio::time::sleep(gap) => {}
+            // A spread round can have seconds of pauses left: shutting down should not wait
+            // for them.
+            _ = stopped(stop) => return Ok(total),
+        }
     }
 }
 

@@ -15,8 +15,7 @@ mod postgres;
 mod sqlite;
 
 pub use archiver::{
-    describe_metrics, flush_all, record_lag, run as run_archiver, stopped, ArchiverConfig,
-    BATCH_EVENTS,
+    describe_metrics, record_lag, run as run_archiver, stopped, ArchiverConfig, BATCH_EVENTS,
 };
 
 use bytes::Bytes;

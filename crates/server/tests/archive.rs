@@ -274,6 +274,39 @@ async fn append_concurrently(server: &Server, ids: &[String], from: u64, to: u64
     }
 }
 
+/// A round spread over the flush interval can have seconds of pauses left; a stop must not
+/// wait for them: it ends the round at its next pause, and one last batch is copied.
+#[tokio::test]
+async fn a_stop_during_a_spread_round_does_not_wait_for_its_pauses() {
+    // An 8 s interval spreads a round's batches over 4.8 s.
+    let mut server = Server::start(&[("STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", "8000")]).await;
+    let client = reqwest::Client::new();
+    let ids: Vec<String> = (0..20).map(|i| format!("ses_stop{i}")).collect();
+    for id in &ids {
+        create(&client, &server, id).await;
+    }
+    // 16,000 events: four batches, so after its first the round pauses for about 1.5 s.
+    append_concurrently(&server, &ids, 1, 800, 20).await;
+    wait_metric(
+        &server,
+        "starcite_archive_attempted_total",
+        |v| v >= 5_000.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    drop(client);
+    let stopping = std::time::Instant::now();
+    server.signal("TERM");
+    let code = server.wait_exit(Duration::from_secs(30)).await;
+    let took = stopping.elapsed();
+    assert_eq!(code, Some(0), "{}", server.log());
+    assert!(
+        took < Duration::from_millis(2_500),
+        "stopping took {took:?}: it waited for the round's pauses\n{}",
+        server.log()
+    );
+}
+
 /// Budget for events held in memory in the spill test: far below what it appends.
 const SMALL_HOT_BUDGET: &str = "65536";
 
