@@ -226,6 +226,7 @@ impl Node {
                 let t = Transport::start(&map, listener, archive);
                 t.set_handler(crate::peer::request_handler(log.clone(), node_slot.clone()));
                 t.set_raft_handler(crate::peer::raft_handler(node_slot.clone()));
+                t.set_log_holder(log.wal().holder());
                 Some(t)
             }
             (true, None) => {

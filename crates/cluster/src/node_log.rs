@@ -179,6 +179,7 @@ impl NodeLog {
                 dir: dir.to_path_buf(),
                 segment_bytes,
                 segment_header: Some(segment_header),
+                hold_wait: starcite_storage::HOLD_WAIT,
             },
             |segment, body| {
                 if bad.is_some() {

@@ -9,14 +9,21 @@
 //!
 //! Wire format: `[u32 length][u8 kind][body]` where `length` counts kind and body. Kind 0 is a
 //! whole postcard-encoded [`Frame`]; kind 1 is a fragment `[u64 stream][u8 last][data]`.
+//!
+//! The reader takes a peer's frames in the batches they arrive in: while more whole frames are
+//! already buffered it holds the node log's writer (see [`WalHolder`]), and it starts forwarded
+//! writes itself (their proposal runs before it reads on), so the log records a batch causes —
+//! follower entries, the leader's proposals — share one fsync.
 
 use crate::placement::ClusterMap;
-use crate::rpc::{Frame, RaftMessage, Request, Response};
+use crate::rpc::{ClientOp, Frame, RaftMessage, Request, Response};
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::Serialize;
 use starcite_raft::NodeId;
+use starcite_storage::{WalHold, WalHolder};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -155,6 +162,7 @@ pub struct Transport {
     peers: HashMap<NodeId, Arc<Peer>>,
     handler: OnceLock<Handler>,
     raft_handler: OnceLock<RaftHandler>,
+    log_holder: OnceLock<WalHolder>,
     stop: watch::Sender<bool>,
     pub stats: TransportStats,
 }
@@ -195,6 +203,7 @@ impl Transport {
             peers,
             handler: OnceLock::new(),
             raft_handler: OnceLock::new(),
+            log_holder: OnceLock::new(),
             stop: watch::Sender::new(false),
             stats: TransportStats::default(),
         });
@@ -213,6 +222,11 @@ impl Transport {
 
     pub fn set_raft_handler(&self, handler: RaftHandler) {
         let _ = self.raft_handler.set(handler);
+    }
+
+    /// The node log the handlers append to, held while a batch of frames is taken in.
+    pub fn set_log_holder(&self, holder: WalHolder) {
+        let _ = self.log_holder.set(holder);
     }
 
     /// Sends a group's Raft message if there is a connection to `to`; Raft retransmits what
@@ -489,6 +503,17 @@ async fn read_message<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Mes
     }
 }
 
+/// Whether `buf` starts with a whole message (so reading it will not wait).
+fn has_whole_message(buf: &[u8]) -> bool {
+    match buf.get(..4) {
+        Some(len) => {
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            buf.len() - 4 >= len
+        }
+        None => false,
+    }
+}
+
 async fn write_whole(stream: &mut TcpStream, frame: &[u8]) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(frame.len() + 5);
     push_whole(&mut buf, frame);
@@ -580,8 +605,18 @@ async fn read_loop(
 ) -> std::io::Result<()> {
     let mut read = BufReader::with_capacity(256 * 1024, read);
     let mut assembling: HashMap<u64, Vec<u8>> = HashMap::new();
+    let holder = transport.log_holder.get().cloned();
+    let mut held: Option<WalHold> = None;
     loop {
-        let bytes = match read_message(&mut read).await? {
+        if !has_whole_message(read.buffer()) {
+            // The batch is taken in: the log may write (before this task waits for more).
+            held = None;
+        }
+        let message = read_message(&mut read).await?;
+        if held.is_none() && has_whole_message(read.buffer()) {
+            held = holder.as_ref().map(WalHolder::hold);
+        }
+        let bytes = match message {
             Message::Whole(bytes) => bytes,
             Message::Fragment { stream, last, data } => {
                 if assembling.len() >= 64 && !assembling.contains_key(&stream) {
@@ -628,9 +663,14 @@ async fn read_loop(
                     }
                     continue;
                 };
+                let starts_a_write = matches!(
+                    &request,
+                    Request::Client { op, .. }
+                        if matches!(**op, ClientOp::Append { .. } | ClientOp::Create { .. })
+                );
                 let conn = conn.clone();
                 let transport = transport.clone();
-                tokio::spawn(async move {
+                let mut answer = Box::pin(async move {
                     let result = handler(from, request).await;
                     let bytes = match encode(&FrameRef::Response {
                         id,
@@ -653,6 +693,16 @@ async fn read_loop(
                         transport.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
                     }
                 });
+                // A write's first step (checks, then proposing) runs here, inside the batch;
+                // a task waits for its answer. A spawned task would propose after the batch.
+                // Polling once with a no-op waker is fine: the task polls again.
+                let pending = !starts_a_write || {
+                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                    answer.as_mut().poll(&mut cx).is_pending()
+                };
+                if pending {
+                    tokio::spawn(answer);
+                }
             }
             Frame::Raft { group, message } => {
                 if let Some(handler) = transport.raft_handler.get() {
@@ -902,5 +952,88 @@ mod tests {
         }
         assert!(accepted_again, "the queue drained once the peer read");
         t.shutdown();
+    }
+    #[tokio::test]
+    async fn a_batch_of_frames_and_the_writes_it_starts_share_one_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Arc::new(
+            starcite_storage::Wal::open(
+                starcite_storage::WalOptions {
+                    dir: dir.path().to_path_buf(),
+                    segment_bytes: 1 << 20,
+                    segment_header: None,
+                    // Long, so the test does not race the writer.
+                    hold_wait: Duration::from_secs(1),
+                },
+                |_, _| {},
+            )
+            .unwrap(),
+        );
+        let (ma, mb, la, lb) = two_nodes();
+        let a = Transport::start(&ma, la, "");
+        let b = Transport::start(&mb, lb, "");
+        a.set_log_holder(wal.holder());
+        // On A, a forwarded append's first step queues a log record (as proposing does), then
+        // it waits until the record is durable; a Raft message queues one too. Both take a
+        // while first, far longer than the writer takes to start on a record nobody holds.
+        let slow = || std::thread::sleep(Duration::from_millis(20));
+        let log = wal.clone();
+        a.set_handler(Arc::new(move |_from, _request| {
+            slow();
+            let (tx, rx) = oneshot::channel();
+            log.append(
+                b"proposal",
+                Box::new(move |r| {
+                    let _ = tx.send(r.is_ok());
+                }),
+            );
+            Box::pin(async move {
+                match rx.await {
+                    Ok(true) => Ok(Response::HasData(true)),
+                    _ => Err("not durable".into()),
+                }
+            })
+        }));
+        let log = wal.clone();
+        a.set_raft_handler(Arc::new(move |_from, _group, _message| {
+            slow();
+            log.append(b"entry", Box::new(|_| {}));
+        }));
+        b.set_handler(echo_handler());
+        connected(&a, mb.me()).await;
+        connected(&b, ma.me()).await;
+
+        // B queues a forwarded append, then a Raft message, before its writer runs (this
+        // test's runtime has one thread), so they reach A in one write.
+        let append = Request::Client {
+            group: 0,
+            op: Box::new(ClientOp::Append {
+                session_id: "s".into(),
+                request: starcite_core::AppendRequest::parse(
+                    br#"{"type":"t","actor":"a","payload":{}}"#,
+                )
+                .unwrap(),
+            }),
+        };
+        let call = b.call(ma.me(), &append, Duration::from_secs(5));
+        tokio::pin!(call);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(call.as_mut().poll(&mut cx).is_pending());
+        let heartbeat = RaftMessage::AppendResponse {
+            term: 1,
+            success: true,
+            match_index: 0,
+            hint: 0,
+            sent_at: 0,
+        };
+        assert!(b.send_raft(ma.me(), 0, &heartbeat));
+        assert!(matches!(call.await, Ok(Response::HasData(true))));
+        let stats = wal.stats();
+        assert_eq!(stats.records_written.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            stats.fsyncs.load(Ordering::Relaxed),
+            1,
+            "the Raft message's record and the append's proposal went into one fsync"
+        );
     }
 }

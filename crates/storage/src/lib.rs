@@ -15,7 +15,7 @@ mod wal;
 pub use file::{read_framed_file, write_framed_file};
 pub use frame::{decode_frames, encode_frame, FrameError, FRAME_HEADER_LEN};
 pub use spill::{SpillGuard, SpillStore};
-pub use wal::{Durable, SegmentHeader, Wal, WalOptions, WalStats};
+pub use wal::{Durable, SegmentHeader, Wal, WalHold, WalHolder, WalOptions, WalStats, HOLD_WAIT};
 
 use std::path::PathBuf;
 
