@@ -171,6 +171,7 @@ const UNKNOWN_OUTCOME: &str = "the outcome is unknown; retry with the same idemp
 fn raft_config(config: &NodeConfig, map: &ClusterMap, group: u32) -> starcite_raft::Config {
     let mut c = starcite_raft::Config::new(map.me(), map.members(group).to_vec());
     c.election_timeout_ms = (config.election_timeout.as_millis() as u64).max(2);
+    c.election_rank = map.election_rank(group, map.me());
     c.heartbeat_ms =
         (config.heartbeat_interval.as_millis() as u64).clamp(1, c.election_timeout_ms / 2);
     c.seed = map.me() ^ u64::from(group).wrapping_mul(0x9e37_79b9_7f4a_7c15);

@@ -98,6 +98,22 @@ impl ClusterMap {
         self.preferred[group as usize]
     }
 
+    /// `node`'s turn to stand for election when the group's leader goes silent: the preferred
+    /// leader first, then the other members in placement order (which differs from group to
+    /// group, so a dead node's groups pass to the survivors about evenly). `None` for a node
+    /// that is not a member.
+    pub fn election_rank(&self, group: u32, node: NodeId) -> Option<u32> {
+        let preferred = self.preferred_leader(group);
+        if node == preferred {
+            return Some(0);
+        }
+        self.members(group)
+            .iter()
+            .filter(|&&m| m != preferred)
+            .position(|&m| m == node)
+            .map(|p| p as u32 + 1)
+    }
+
     /// Identifies the configuration, so that nodes started with different node lists or group
     /// counts refuse to talk to each other rather than disagree about placement.
     pub fn fingerprint(&self) -> u64 {
@@ -173,6 +189,34 @@ mod tests {
         let counts: Vec<i32> = led.values().copied().collect();
         assert_eq!(counts.len(), 3);
         assert!(counts.iter().all(|&c| (85..=86).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn every_group_has_an_order_of_succession_that_spreads_a_dead_nodes_groups() {
+        let map = ClusterMap::new(&nodes(3), "n1", 256).unwrap();
+        let mut next_after = std::collections::HashMap::new();
+        for g in 0..256 {
+            let mut ranks: Vec<u32> = map
+                .members(g)
+                .iter()
+                .map(|&m| map.election_rank(g, m).unwrap())
+                .collect();
+            ranks.sort_unstable();
+            assert_eq!(ranks, vec![0, 1, 2]);
+            assert_eq!(map.election_rank(g, map.preferred_leader(g)), Some(0));
+            let next = *map
+                .members(g)
+                .iter()
+                .find(|&&m| map.election_rank(g, m) == Some(1))
+                .unwrap();
+            *next_after
+                .entry((map.preferred_leader(g), next))
+                .or_insert(0) += 1;
+        }
+        // Each node's ~85 groups go about half to each of the other two.
+        assert_eq!(next_after.len(), 6, "{next_after:?}");
+        assert!(next_after.values().all(|&c| c >= 25), "{next_after:?}");
+        assert_eq!(map.election_rank(0, node_id("n9")), None);
     }
 
     #[test]

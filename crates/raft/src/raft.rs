@@ -10,9 +10,15 @@ pub struct Config {
     /// Every voter of the group, this node included.
     pub voters: Vec<NodeId>,
     /// A follower that hears nothing from a leader for a random time between this and twice
-    /// this starts an election; a follower that heard from its leader within this time
-    /// refuses to vote for anyone else (the leader's lease).
+    /// this starts an election (see `election_rank` for the other way); a follower that heard
+    /// from its leader within this time refuses to vote for anyone else (the leader's lease).
     pub election_timeout_ms: u64,
+    /// This node's turn in the group's order of succession (0 first), if the group has one.
+    /// Then a follower whose leader went silent waits the election timeout plus `rank`
+    /// quarters of it, plus a random part of a quarter: the members stand one after another,
+    /// a quarter of the timeout apart, instead of at random times that can coincide (a split
+    /// vote costs a second timeout). Every wait stays at least the election timeout.
+    pub election_rank: Option<u32>,
     pub heartbeat_ms: u64,
     /// Most entries, and payload bytes, per append message (at least one entry).
     pub max_append_entries: usize,
@@ -35,6 +41,7 @@ impl Config {
             me,
             voters,
             election_timeout_ms: 500,
+            election_rank: None,
             heartbeat_ms: 100,
             max_append_entries: 256,
             max_append_bytes: 4 * 1024 * 1024,
@@ -593,8 +600,14 @@ impl<P: Clone> Raft<P> {
 
     fn reset_election_timer(&mut self) {
         let base = self.cfg.election_timeout_ms.max(1);
-        let jitter = self.next_random() % base;
-        self.election_deadline = self.now + base + jitter;
+        let wait = match self.cfg.election_rank {
+            Some(rank) => {
+                let turn = (base / 4).max(1);
+                base + turn * u64::from(rank) + self.next_random() % turn
+            }
+            None => base + self.next_random() % base,
+        };
+        self.election_deadline = self.now + wait;
     }
 
     /// A follower within its leader's lease refuses votes.
@@ -1321,6 +1334,81 @@ mod tests {
             .filter(|(_, r)| r.is_leader())
             .map(|(&id, _)| id)
             .collect()
+    }
+
+    #[test]
+    fn with_an_order_of_succession_the_next_in_turn_takes_over_alone() {
+        let voters = [1, 2, 3];
+        let mut nodes: BTreeMap<NodeId, Raft<u32>> = voters
+            .iter()
+            .map(|&id| {
+                let mut cfg = Config::new(id, voters.to_vec());
+                cfg.election_timeout_ms = 100;
+                cfg.heartbeat_ms = 20;
+                // Node 3 is next after the leader, node 2 last.
+                cfg.election_rank = Some(match id {
+                    1 => 0,
+                    3 => 1,
+                    _ => 2,
+                });
+                let restored = Restored {
+                    hard_state: HardState::default(),
+                    snapshot: (0, 0),
+                    entries: vec![],
+                    commit: 0,
+                };
+                (id, Raft::new(cfg, restored, 0, |_| 16))
+            })
+            .collect();
+        nodes.get_mut(&1).unwrap().campaign(0);
+        settle(&mut nodes, 1);
+        assert_eq!(leaders(&nodes), vec![1]);
+        let term = nodes[&1].term();
+        // The leader goes silent at time 1; time passes in small steps for the others.
+        nodes.remove(&1);
+        let mut took_over = None;
+        for now in (2..=400).step_by(2) {
+            for r in nodes.values_mut() {
+                r.tick(now);
+            }
+            settle(&mut nodes, now);
+            if let Some(&leader) = leaders(&nodes).first() {
+                took_over = Some((leader, now));
+                break;
+            }
+        }
+        let (leader, at) = took_over.expect("someone took over");
+        assert_eq!(leader, 3, "the next in turn stands first");
+        // Its wait: the timeout plus one quarter, plus less than a quarter.
+        assert!((126..=152).contains(&at), "took over at {at}");
+        assert_eq!(nodes[&3].term(), term + 1, "one election, no split vote");
+        assert_eq!(nodes[&2].term(), term + 1);
+    }
+
+    #[test]
+    fn an_order_of_succession_never_shortens_the_wait_below_the_timeout() {
+        for rank in 0..3 {
+            let mut cfg = Config::new(1, vec![1, 2, 3]);
+            cfg.election_timeout_ms = 100;
+            cfg.election_rank = Some(rank);
+            let mut r: Raft<u32> = Raft::new(
+                cfg,
+                Restored {
+                    hard_state: HardState::default(),
+                    snapshot: (0, 0),
+                    entries: vec![],
+                    commit: 0,
+                },
+                0,
+                |_| 16,
+            );
+            for _ in 0..200 {
+                r.reset_election_timer();
+                let wait = r.election_deadline - r.now;
+                let first = 100 + 25 * u64::from(rank);
+                assert!((first..first + 25).contains(&wait), "rank {rank}: {wait}");
+            }
+        }
     }
 
     #[test]
