@@ -953,6 +953,7 @@ mod tests {
         assert!(accepted_again, "the queue drained once the peer read");
         t.shutdown();
     }
+
     #[tokio::test]
     async fn a_batch_of_frames_and_the_writes_it_starts_share_one_fsync() {
         let dir = tempfile::tempdir().unwrap();

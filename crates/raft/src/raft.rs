@@ -1336,29 +1336,26 @@ mod tests {
             .collect()
     }
 
+    /// A fresh node (timeout 100, heartbeat 20) with its turn in an order of succession.
+    fn ranked(me: NodeId, voters: &[NodeId], rank: u32) -> Raft<u32> {
+        let mut r = node(me, voters, 0, vec![], 0);
+        r.cfg.election_rank = Some(rank);
+        r.reset_election_timer();
+        r
+    }
+
     #[test]
     fn with_an_order_of_succession_the_next_in_turn_takes_over_alone() {
         let voters = [1, 2, 3];
+        // Node 3 is next after the leader, node 2 last.
+        let rank = |id| match id {
+            1 => 0,
+            3 => 1,
+            _ => 2,
+        };
         let mut nodes: BTreeMap<NodeId, Raft<u32>> = voters
             .iter()
-            .map(|&id| {
-                let mut cfg = Config::new(id, voters.to_vec());
-                cfg.election_timeout_ms = 100;
-                cfg.heartbeat_ms = 20;
-                // Node 3 is next after the leader, node 2 last.
-                cfg.election_rank = Some(match id {
-                    1 => 0,
-                    3 => 1,
-                    _ => 2,
-                });
-                let restored = Restored {
-                    hard_state: HardState::default(),
-                    snapshot: (0, 0),
-                    entries: vec![],
-                    commit: 0,
-                };
-                (id, Raft::new(cfg, restored, 0, |_| 16))
-            })
+            .map(|&id| (id, ranked(id, &voters, rank(id))))
             .collect();
         nodes.get_mut(&1).unwrap().campaign(0);
         settle(&mut nodes, 1);
@@ -1388,20 +1385,7 @@ mod tests {
     #[test]
     fn an_order_of_succession_never_shortens_the_wait_below_the_timeout() {
         for rank in 0..3 {
-            let mut cfg = Config::new(1, vec![1, 2, 3]);
-            cfg.election_timeout_ms = 100;
-            cfg.election_rank = Some(rank);
-            let mut r: Raft<u32> = Raft::new(
-                cfg,
-                Restored {
-                    hard_state: HardState::default(),
-                    snapshot: (0, 0),
-                    entries: vec![],
-                    commit: 0,
-                },
-                0,
-                |_| 16,
-            );
+            let mut r = ranked(1, &[1, 2, 3], rank);
             for _ in 0..200 {
                 r.reset_election_timer();
                 let wait = r.election_deadline - r.now;
