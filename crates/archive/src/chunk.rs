@@ -77,6 +77,57 @@ pub(crate) fn uncovered(first: u64, last: u64, stored: &[(u64, u64)]) -> Vec<(u6
     out
 }
 
+/// Cuts `runs` (in order) into the parts one transaction stores: at most `max_bytes` of frames
+/// each, a run cut where it crosses the limit; a frame larger than the limit gets a part of
+/// its own. Concatenated, the parts are `runs` again.
+pub(crate) fn commits(runs: Vec<Run<'_>>, max_bytes: usize) -> Vec<Vec<Run<'_>>> {
+    let mut out = Vec::new();
+    let mut part: Vec<Run<'_>> = Vec::new();
+    let mut bytes = 0;
+    for run in runs {
+        let mut piece = Run {
+            session_id: run.session_id,
+            first_seq: run.first_seq,
+            frames: Vec::new(),
+        };
+        for frame in run.frames {
+            if bytes > 0 && bytes + frame.len() > max_bytes {
+                if !piece.frames.is_empty() {
+                    let rest = Run {
+                        session_id: piece.session_id,
+                        first_seq: piece.last_seq() + 1,
+                        frames: Vec::new(),
+                    };
+                    part.push(std::mem::replace(&mut piece, rest));
+                }
+                out.push(std::mem::take(&mut part));
+                bytes = 0;
+            }
+            bytes += frame.len();
+            piece.frames.push(frame);
+        }
+        if !piece.frames.is_empty() {
+            part.push(piece);
+        }
+    }
+    if !part.is_empty() {
+        out.push(part);
+    }
+    out
+}
+
+/// The highest seq of each session in `runs` (sorted by session, then seq).
+pub(crate) fn last_seqs<'a>(runs: &[Run<'a>]) -> Vec<(&'a str, u64)> {
+    let mut out: Vec<(&'a str, u64)> = Vec::new();
+    for run in runs {
+        match out.last_mut() {
+            Some(last) if last.0 == run.session_id => last.1 = last.1.max(run.last_seq()),
+            _ => out.push((run.session_id, run.last_seq())),
+        }
+    }
+    out
+}
+
 /// Cuts consecutive frames into chunk-sized pieces (index ranges into `frames`).
 pub(crate) fn split(frames: &[&str]) -> Vec<Range<usize>> {
     let mut out = Vec::new();
@@ -194,6 +245,61 @@ mod tests {
         );
         assert_eq!(uncovered(1, 5, &[(3, 20)]), vec![(1, 2)]);
         assert_eq!(uncovered(4, 5, &[(1, 2), (9, 9)]), vec![(4, 5)]);
+    }
+
+    fn run<'a>(session_id: &'a str, first_seq: u64, frames: &[&'a str]) -> Run<'a> {
+        Run {
+            session_id,
+            first_seq,
+            frames: frames.to_vec(),
+        }
+    }
+
+    #[test]
+    fn commits_cut_runs_at_the_byte_limit_and_keep_everything_in_order() {
+        let input = || {
+            vec![
+                run("a", 1, &["aaaa", "bbbb", "cccc"]),
+                run("a", 7, &["dd"]),
+                run("b", 3, &["eeeeee", "ff"]),
+            ]
+        };
+        let parts = commits(input(), 10);
+        assert_eq!(
+            parts,
+            vec![
+                vec![run("a", 1, &["aaaa", "bbbb"])],
+                vec![run("a", 3, &["cccc"]), run("a", 7, &["dd"])],
+                vec![run("b", 3, &["eeeeee", "ff"])],
+            ]
+        );
+        for part in &parts {
+            let bytes: usize = part.iter().flat_map(|r| &r.frames).map(|f| f.len()).sum();
+            assert!(bytes <= 10, "{part:?}");
+        }
+        // One part when everything fits; a frame over the limit is alone, never dropped.
+        assert_eq!(commits(input(), 1000), vec![input()]);
+        let alone = commits(vec![run("a", 1, &["xx", "yyyyyyyyyyyy", "zz"])], 10);
+        assert_eq!(
+            alone,
+            vec![
+                vec![run("a", 1, &["xx"])],
+                vec![run("a", 2, &["yyyyyyyyyyyy"])],
+                vec![run("a", 3, &["zz"])],
+            ]
+        );
+        assert!(commits(Vec::new(), 10).is_empty());
+    }
+
+    #[test]
+    fn last_seqs_are_each_sessions_highest_seq() {
+        let runs = vec![
+            run("a", 1, &["1", "2"]),
+            run("a", 7, &["7"]),
+            run("b", 3, &["3", "4", "5"]),
+        ];
+        assert_eq!(last_seqs(&runs), vec![("a", 7), ("b", 5)]);
+        assert!(last_seqs(&[]).is_empty());
     }
 
     #[test]

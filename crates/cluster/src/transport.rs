@@ -965,6 +965,7 @@ mod tests {
                     segment_header: None,
                     // Long, so the test does not race the writer.
                     hold_wait: Duration::from_secs(1),
+                    write_spacing: Duration::ZERO,
                 },
                 |_, _| {},
             )

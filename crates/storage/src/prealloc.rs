@@ -9,6 +9,7 @@
 //! this avoids. Zeroes are never a valid frame (the header checksum of zeroes is not zero), so
 //! recovery reads them as the end of the log.
 
+use crate::wal::WalStats;
 use crate::StorageError;
 use std::fs::File;
 use std::io::Write;
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The file being prepared; never mistaken for a segment (`wal-<n>.log`).
 const SPARE_NAME: &str = "wal-spare.tmp";
@@ -27,9 +28,16 @@ const SPARE_NAME: &str = "wal-spare.tmp";
 const CHUNK: usize = 128 * 1024;
 /// After each chunk the helper rests this many times as long as the chunk took: the disk
 /// spends at most a third of its time on zeroes, so commits never queue behind a run of
-/// them (unpaced, the 64 MiB fill was a 0.3 s burst of 4 ms commits every segment). At
-/// this disk's speed a segment is still ready long before the current one fills.
+/// them (unpaced, the 64 MiB fill was a 0.3 s burst of 4 ms commits every segment).
 const REST_PER_BUSY: u32 = 2;
+/// The fill keeps to this many times the log's own writes since the spare was asked for: the
+/// spare a 64 MiB segment asks for at 4 MiB is ready after 15 MiB more, and filling never
+/// becomes a burst of its own. A third of the disk's time was still too much where several
+/// logs share a disk (three nodes on one machine filled their spares at the same moment, as
+/// they write the same entries: about a second of a saturated disk every segment).
+const PACE: u64 = 4;
+/// Longest pause between looks at the log's progress while the fill is ahead of it.
+const MAX_POLL: Duration = Duration::from_millis(100);
 
 enum State {
     Idle,
@@ -40,7 +48,9 @@ enum State {
 pub(crate) struct Preallocator {
     path: PathBuf,
     bytes: u64,
-    requests: Option<mpsc::Sender<()>>,
+    /// Each request carries the log's bytes written at the time, where the pacing starts.
+    requests: Option<mpsc::Sender<u64>>,
+    log: Arc<WalStats>,
     done: mpsc::Receiver<Result<(), StorageError>>,
     state: State,
     stop: Arc<AtomicBool>,
@@ -48,26 +58,35 @@ pub(crate) struct Preallocator {
 }
 
 impl Preallocator {
-    /// Starts the helper for segments of `bytes` bytes in `dir`. A spare left by a crash may be
-    /// partly written, so it is deleted; nothing is prepared until [`Self::request`].
-    pub fn start(dir: &Path, bytes: u64) -> Result<Preallocator, StorageError> {
+    /// Starts the helper for segments of `bytes` bytes in `dir`, paced by what the log (`log`)
+    /// writes. A spare left by a crash may be partly written, so it is deleted; nothing is
+    /// prepared until [`Self::request`].
+    pub fn start(dir: &Path, bytes: u64, log: Arc<WalStats>) -> Result<Preallocator, StorageError> {
         let path = dir.join(SPARE_NAME);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::io(&path)(e)),
         }
-        let (requests, requested) = mpsc::channel::<()>();
+        let (requests, requested) = mpsc::channel::<u64>();
         let (finished, done) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let path = path.clone();
             let stop = stop.clone();
+            let log = log.clone();
             std::thread::Builder::new()
                 .name("starcite-wal-prep".into())
                 .spawn(move || {
-                    while requested.recv().is_ok() {
-                        if finished.send(zero_fill(&path, bytes, &stop)).is_err() {
+                    while let Ok(start) = requested.recv() {
+                        let allowed = || {
+                            let written = log.bytes_written.load(Ordering::Relaxed);
+                            written.saturating_sub(start).saturating_mul(PACE)
+                        };
+                        if finished
+                            .send(zero_fill(&path, bytes, &stop, allowed))
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -78,6 +97,7 @@ impl Preallocator {
             path,
             bytes,
             requests: Some(requests),
+            log,
             done,
             state: State::Idle,
             stop,
@@ -94,7 +114,8 @@ impl Preallocator {
     pub fn request(&mut self) {
         if matches!(self.state, State::Idle) {
             if let Some(requests) = &self.requests {
-                if requests.send(()).is_ok() {
+                let start = self.log.bytes_written.load(Ordering::Relaxed);
+                if requests.send(start).is_ok() {
                     self.state = State::Making;
                 }
             }
@@ -132,16 +153,30 @@ impl Drop for Preallocator {
     }
 }
 
-fn zero_fill(path: &Path, bytes: u64, stop: &AtomicBool) -> Result<(), StorageError> {
+/// Writes `bytes` zeroes to `path`, never more than `allowed()` of them.
+fn zero_fill(
+    path: &Path,
+    bytes: u64,
+    stop: &AtomicBool,
+    allowed: impl Fn() -> u64,
+) -> Result<(), StorageError> {
     let io = || StorageError::io(path);
     let mut file = File::create(path).map_err(io())?;
     let zeroes = vec![0u8; CHUNK];
     let mut written = 0u64;
+    let mut poll = Duration::from_millis(5);
     while written < bytes {
         if stop.load(Ordering::Relaxed) {
             return Err(StorageError::Closed);
         }
         let n = (bytes - written).min(CHUNK as u64) as usize;
+        if allowed() < written + n as u64 {
+            // Ahead of the log: look again later, less often while the log stays quiet.
+            std::thread::sleep(poll);
+            poll = (poll * 2).min(MAX_POLL);
+            continue;
+        }
+        poll = Duration::from_millis(5);
         let started = Instant::now();
         file.write_all(&zeroes[..n])
             .and_then(|_| file.sync_data())
@@ -152,4 +187,53 @@ fn zero_fill(path: &Path, bytes: u64, stop: &AtomicBool) -> Result<(), StorageEr
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spare_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(SPARE_NAME)).map_or(0, |m| m.len())
+    }
+
+    /// Waits (up to 10 s) for `done`.
+    fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} never happened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_fill_keeps_pace_with_the_log_instead_of_running_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(WalStats::default());
+        let bytes = 4 * CHUNK as u64;
+        let mut spare = Preallocator::start(dir.path(), bytes, log.clone()).unwrap();
+        log.bytes_written.store(1_000_000, Ordering::Relaxed);
+        spare.request();
+        // The log writes nothing more: nothing is filled.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(spare_len(dir.path()), 0);
+        assert!(spare.take().is_none());
+        // One chunk's worth of pace: one chunk, and no more while the log stays quiet.
+        log.bytes_written
+            .fetch_add(CHUNK as u64 / PACE, Ordering::Relaxed);
+        eventually("the first chunk", || spare_len(dir.path()) == CHUNK as u64);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(spare_len(dir.path()), CHUNK as u64);
+        assert!(spare.take().is_none());
+        // The log writes on: the spare is finished, all zeroes.
+        log.bytes_written.fetch_add(bytes / PACE, Ordering::Relaxed);
+        let mut ready = None;
+        eventually("a finished spare", || {
+            ready = spare.take();
+            ready.is_some()
+        });
+        let zeroes = std::fs::read(ready.unwrap()).unwrap();
+        assert_eq!(zeroes.len() as u64, bytes);
+        assert!(zeroes.iter().all(|&b| b == 0));
+    }
 }

@@ -40,6 +40,10 @@ pub struct WalOptions {
     pub segment_header: Option<SegmentHeader>,
     /// Longest wait for a holder before a write ([`HOLD_WAIT`] unless a test needs longer).
     pub hold_wait: std::time::Duration,
+    /// After a write that carried several records (several writers are active), the next
+    /// write starts no sooner than this after it, so that more records share each fsync. A
+    /// write of a single record (a lone writer) never delays the next. Zero: never wait.
+    pub write_spacing: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -186,10 +190,10 @@ impl Wal {
             .map_err(StorageError::io(&path))?;
         sync_dir(&opts.dir)?;
         let segment_bytes = opts.segment_bytes.max(1);
-        let spare = Preallocator::start(&opts.dir, segment_bytes)?;
+        let stats = Arc::new(WalStats::default());
+        let spare = Preallocator::start(&opts.dir, segment_bytes, stats.clone())?;
 
         let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(WalStats::default());
         let holds = WalHolder::default();
         stats.current_segment.store(current, Ordering::Relaxed);
         let mut writer = Writer {
@@ -207,6 +211,7 @@ impl Wal {
             stats: stats.clone(),
             holds: holds.clone(),
             hold_wait: opts.hold_wait,
+            write_spacing: opts.write_spacing,
         };
         let handle = std::thread::Builder::new()
             .name("starcite-wal".into())
@@ -347,12 +352,22 @@ struct Writer {
     stats: Arc<WalStats>,
     holds: WalHolder,
     hold_wait: std::time::Duration,
+    write_spacing: std::time::Duration,
 }
 
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+        // When the last write started, and whether it carried several records.
+        let mut last_write: Option<(std::time::Instant, bool)> = None;
         while let Ok(first) = rx.recv() {
             self.handle(first);
+            if let Some((started, true)) = last_write {
+                let due = started + self.write_spacing;
+                let now = std::time::Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
             self.wait_while_held();
             // Group commit: everything that queued up while the last fsync ran goes into the
             // next one.
@@ -361,6 +376,9 @@ impl Writer {
                     Ok(msg) => self.handle(msg),
                     Err(_) => break,
                 }
+            }
+            if !self.pending.is_empty() {
+                last_write = Some((std::time::Instant::now(), self.pending.len() > 1));
             }
             self.flush();
         }
@@ -542,6 +560,7 @@ mod tests {
             segment_header: None,
             // Long, so tests tell waiting from not waiting without racing the writer.
             hold_wait: TEST_HOLD_WAIT,
+            write_spacing: std::time::Duration::ZERO,
         }
     }
 
@@ -680,6 +699,50 @@ mod tests {
         second.recv().unwrap().unwrap();
         assert_eq!(wal.stats().fsyncs.load(Ordering::Relaxed), 1);
         assert_eq!(wal.stats().records_written.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn with_write_spacing_busy_writers_share_fsyncs_and_a_lone_writer_never_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let spacing = std::time::Duration::from_millis(40);
+        let o = WalOptions {
+            write_spacing: spacing,
+            ..opts(dir.path())
+        };
+        let wal = Arc::new(Wal::open(o, |_, _| {}).unwrap());
+        // A lone writer: every write carries one record, so none waits for the spacing.
+        let started = std::time::Instant::now();
+        for i in 0..10 {
+            append_sync(&wal, format!("lone-{i}").as_bytes()).unwrap();
+        }
+        let lone = started.elapsed();
+        assert!(lone < spacing * 5, "a lone writer waited: {lone:?}");
+        // Eight busy writers: after a write of several records the next starts a spacing
+        // later, so the fsyncs are at most about one per spacing (and one-record writes,
+        // which do not wait, at most as many again).
+        let before = wal.stats().fsyncs.load(Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let wal = wal.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        append_sync(&wal, format!("busy-{w}-{i}").as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let elapsed = started.elapsed();
+        let fsyncs = wal.stats().fsyncs.load(Ordering::Relaxed) - before;
+        let spaced = (elapsed.as_millis() / spacing.as_millis()) as u64 + 1;
+        assert!(
+            fsyncs <= 2 * spaced,
+            "{fsyncs} fsyncs for 160 records in {elapsed:?}: the writes were not spaced"
+        );
+        assert_eq!(wal.stats().records_written.load(Ordering::Relaxed), 170);
     }
 
     #[test]
