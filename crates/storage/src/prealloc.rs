@@ -31,7 +31,7 @@ const CHUNK: usize = 128 * 1024;
 /// them (unpaced, the 64 MiB fill was a 0.3 s burst of 4 ms commits every segment).
 const REST_PER_BUSY: u32 = 2;
 /// The fill keeps to this many times the log's own writes since the spare was asked for: the
-/// spare a 64 MiB segment asks for at 4 MiB is ready after 15 MiB more, and filling never
+/// spare a 64 MiB segment asks for at 4 MiB is ready after 16 MiB more, and filling never
 /// becomes a burst of its own. A third of the disk's time was still too much where several
 /// logs share a disk (three nodes on one machine filled their spares at the same moment, as
 /// they write the same entries: about a second of a saturated disk every segment).
