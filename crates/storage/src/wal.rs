@@ -567,9 +567,7 @@ mod tests {
     const TEST_HOLD_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
     fn append_sync(wal: &Wal, body: &[u8]) -> Result<u64, StorageError> {
-        let (tx, rx) = channel();
-        wal.append(body, Box::new(move |r| drop(tx.send(r))));
-        rx.recv().expect("writer answered")
+        append_notify(wal, body).recv().expect("writer answered")
     }
 
     fn replay(dir: &Path) -> Result<Vec<Vec<u8>>, StorageError> {
