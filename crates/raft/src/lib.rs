@@ -95,6 +95,13 @@ pub enum Message<P> {
     TimeoutNow {
         term: u64,
     },
+    /// Entries up to `commit` are committed (the leader bounds it by what this follower
+    /// acknowledged in `term`, so no log check is needed). Not answered: it tells a follower
+    /// that is up to date what it may apply, where an empty append would cost an answer.
+    Commit {
+        term: u64,
+        commit: u64,
+    },
 }
 
 impl<P> Message<P> {
@@ -105,7 +112,8 @@ impl<P> Message<P> {
             | Message::Vote { term, .. }
             | Message::VoteResponse { term, .. }
             | Message::Snapshot { term, .. }
-            | Message::TimeoutNow { term } => *term,
+            | Message::TimeoutNow { term }
+            | Message::Commit { term, .. } => *term,
         }
     }
 }

@@ -268,6 +268,11 @@ impl<P: Clone> Raft<P> {
         self.role
     }
 
+    /// A leadership transfer is under way (until it succeeds or its deadline passes).
+    pub fn is_transferring(&self) -> bool {
+        self.role == Role::Leader && self.transfer.is_some()
+    }
+
     pub fn leader(&self) -> Option<NodeId> {
         self.leader
     }
@@ -490,7 +495,10 @@ impl<P: Clone> Raft<P> {
             }
             let leader = matches!(
                 msg,
-                Message::Append { .. } | Message::Snapshot { .. } | Message::TimeoutNow { .. }
+                Message::Append { .. }
+                    | Message::Snapshot { .. }
+                    | Message::TimeoutNow { .. }
+                    | Message::Commit { .. }
             )
             .then_some(from);
             self.become_follower(term, leader);
@@ -532,6 +540,25 @@ impl<P: Clone> Raft<P> {
                     self.start_election(false, true);
                 }
             }
+            Message::Commit { commit, .. } => self.on_commit(from, commit),
+        }
+    }
+
+    /// A commit notice from the leader of the current term. The leader bounded `commit` by
+    /// what this node acknowledged to it in this term, and entries acknowledged to a leader
+    /// are only ever replaced by a later term's leader: they are the leader's. A node that
+    /// did not know `from` as its leader yet acknowledged nothing to it: it only follows.
+    fn on_commit(&mut self, from: NodeId, commit: u64) {
+        if self.role != Role::Follower || self.leader != Some(from) {
+            let term = self.hs.term;
+            self.become_follower(term, Some(from));
+            return;
+        }
+        self.heard_at = Some(self.now);
+        self.reset_election_timer();
+        let commit = commit.min(self.log.last_index());
+        if commit > self.commit {
+            self.commit = commit;
         }
     }
 
@@ -856,6 +883,18 @@ impl<P: Clone> Raft<P> {
         self.send_now(to, message);
     }
 
+    /// Tells `to` the commit index, as far as it acknowledged entries (never answered). It
+    /// leaves `last_send` alone: heartbeats, which are answered, keep their pace.
+    fn send_commit(&mut self, to: NodeId) {
+        let Some(p) = self.progress.get_mut(&to) else {
+            return;
+        };
+        p.commit_unsent = false;
+        let commit = self.commit.min(p.matched);
+        let term = self.hs.term;
+        self.send_now(to, Message::Commit { term, commit });
+    }
+
     fn tick_leader(&mut self) {
         let now = self.now;
         // Check quorum: a leader that has not heard from a quorum for two election timeouts
@@ -894,8 +933,12 @@ impl<P: Clone> Raft<P> {
             }
             let idle = now >= p.last_send + self.cfg.heartbeat_ms;
             let commit_notice = p.commit_unsent && p.inflight == 0;
-            if idle || commit_notice {
+            if idle || (commit_notice && p.next <= self.log.last_index()) {
+                // A heartbeat (answered: it keeps the lease and finds lost entries), or
+                // entries waiting to go, which carry the commit index.
                 self.send_append(peer, true);
+            } else if commit_notice {
+                self.send_commit(peer);
             }
         }
     }
@@ -1769,5 +1812,53 @@ mod tests {
             "node 3 got the lost entries"
         );
         assert!(!n3.is_rejoining(), "and may vote again");
+    }
+
+    #[test]
+    fn followers_learn_the_commit_index_from_a_notice_they_do_not_answer() {
+        let voters = [1, 2, 3];
+        let mut nodes = elected(&voters);
+        settle(&mut nodes, 2);
+        let (index, _) = nodes.get_mut(&1).unwrap().propose(7, 3).unwrap();
+        settle(&mut nodes, 3);
+        assert_eq!(nodes[&1].commit(), index);
+        // The entry went out with the commit index from before it.
+        assert!(nodes[&2].commit() < index && nodes[&3].commit() < index);
+        // At its next tick the leader sends each follower a commit notice, not an append.
+        let leader = nodes.get_mut(&1).unwrap();
+        leader.tick(13);
+        let ready = leader.take_ready();
+        let mut notices = Vec::new();
+        for (to, m) in ready.messages.into_iter().chain(ready.gated) {
+            match m {
+                Message::Commit { commit, .. } => notices.push((to, commit)),
+                other => panic!("expected only commit notices, got {other:?}"),
+            }
+        }
+        notices.sort_unstable();
+        assert_eq!(notices, vec![(2, index), (3, index)]);
+        for (to, commit) in notices {
+            let follower = nodes.get_mut(&to).unwrap();
+            let term = follower.term();
+            follower.step(1, Message::Commit { term, commit }, 13);
+            assert_eq!(follower.commit(), index);
+            let ready = follower.take_ready();
+            assert!(
+                ready.messages.is_empty() && ready.gated.is_empty(),
+                "a notice is not answered"
+            );
+        }
+        // A notice never takes a follower's commit index past its own log, nor does one from a
+        // node it does not follow in this term.
+        for (follower, from) in [(2, 1), (3, 2)] {
+            let follower = nodes.get_mut(&follower).unwrap();
+            let term = follower.term();
+            let notice = Message::Commit {
+                term,
+                commit: index + 10,
+            };
+            follower.step(from, notice, 14);
+            assert_eq!(follower.commit(), index);
+        }
     }
 }
