@@ -1,6 +1,6 @@
-//! The archiver: on each group's leader (every group, on a single node), every flush
-//! interval, copy durable but unarchived events to the archive in large idempotent batches,
-//! then log an archive acknowledgement per session so every replica advances its archive mark
+//! The archiver: on each group's leader (every group, on a single node), copy durable but
+//! unarchived events to the archive in large idempotent batches, paced so that what is pending
+//! drains over about one flush interval, then log an archive acknowledgement per session so every replica advances its archive mark
 //! (over a contiguous prefix only) and trims memory down to `keep_hot` archived events. In a
 //! cluster without a shared archive, every replica does this for its own file and applies its
 //! marks locally (see `starcite_cluster::ArchiveReader`).
@@ -18,8 +18,6 @@ use tokio::sync::watch;
 /// Events per round trip to the archive.
 pub const BATCH_EVENTS: usize = 5_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Share of the flush interval a round's batches are spread over (see `flush_rows`).
-const SPREAD: f64 = 0.6;
 
 #[derive(Debug, Clone)]
 pub struct ArchiverConfig {
@@ -91,101 +89,71 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Runs until `stop` turns true; then makes one last attempt to flush what is durable.
+///
+/// Batches go out one at a time, paced so that whatever is pending drains over about one
+/// flush interval ([`pause_after_batch`]): under a steady load the archive then copies a
+/// steady trickle, and a backlog (after a burst of appends, or an outage) is spread over an
+/// interval instead of being copied in one burst that takes a core and the disk away from
+/// appends. Nothing pending, or less than a batch: the next flush is one interval away.
 pub async fn run(
     node: Arc<Node>,
     archive: Arc<Archive>,
     config: ArchiverConfig,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut pause = config.flush_interval;
     let mut backoff = config.flush_interval;
     loop {
-        let wait = tokio::time::sleep(backoff);
         tokio::select! {
-            _ = wait => {},
+            _ = tokio::time::sleep(pause) => {},
             _ = stopped(&mut stop) => {
                 // Last copy before stopping: rows only. The marks would go through Raft,
                 // which may have no quorum while a whole cluster stops; re-sending is harmless.
-                if let Err(e) = flush_rows(&node, &archive, &config, None).await {
+                if let Err(e) = flush_next(&node, &archive, &config, false).await {
                     tracing::warn!(error = %e, "final archive flush failed; the log still holds everything");
                 }
                 return;
             }
         }
-        match flush_rows(&node, &archive, &config, Some(&mut stop)).await {
-            Ok(_) => backoff = config.flush_interval,
+        match flush_next(&node, &archive, &config, true).await {
+            Ok(()) => {
+                backoff = config.flush_interval;
+                pause = pause_after_batch(config.flush_interval, node.archive_lag().pending_events);
+            }
             Err(e) => {
                 metrics::counter!(FAILURES).increment(1);
                 backoff = (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
+                pause = backoff;
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "archive flush failed; will retry");
             }
         }
     }
 }
 
-/// Copies batches to the archive until nothing durable is left unarchived, and replicates
-/// the archive marks (which lets replicas trim memory); returns the events archived. A stop
-/// signal ends the round at its next pause (the caller makes the last flush). Without `stop`
-/// (the last flush while stopping) it copies one batch of rows only: the marks would go
-/// through Raft, and without them moving the same rows would come back.
-async fn flush_rows(
+/// Copies the next batch of durable, unarchived events (if any) to the archive; with
+/// `acknowledge`, then replicates the archive marks (which lets replicas trim memory). The
+/// last flush while stopping copies rows only: the marks would go through Raft, and without
+/// them moving the same rows come back, harmlessly, next time.
+async fn flush_next(
     node: &Node,
     archive: &Archive,
     config: &ArchiverConfig,
-    mut stop: Option<&mut watch::Receiver<bool>>,
-) -> Result<u64, ArchiveError> {
-    let acknowledge = stop.is_some();
-    let mut total = 0;
-    // A round's batches are spread over most of the flush interval instead of running back to
-    // back: the disk then takes the archive's writes a little at a time rather than as one
-    // burst that the log's commits queue behind. With a per-replica archive (every replica
-    // archiving every event at about the same moment) that matters three times over.
-    let pacer = RoundPacer::new(Instant::now(), config.flush_interval, BATCH_EVENTS);
-    loop {
-        let backlog = node.archive_backlog(BATCH_EVENTS).await;
-        if backlog.is_empty() {
-            return Ok(total);
-        }
-        let full = backlog.event_count() >= BATCH_EVENTS;
-        total += flush_batch(node, archive, config, backlog, acknowledge).await?;
-        let Some(stop) = stop.as_deref_mut().filter(|_| full) else {
-            return Ok(total);
-        };
-        let gap = pacer.gap(Instant::now(), node.archive_lag().pending_events);
-        tokio::select! {
-            _ = tokio::time::sleep(gap) => {}
-            // A spread round can have seconds of pauses left: shutting down should not wait
-            // for them.
-            _ = stopped(stop) => return Ok(total),
-        }
+    acknowledge: bool,
+) -> Result<(), ArchiveError> {
+    let backlog = node.archive_backlog(BATCH_EVENTS).await;
+    if !backlog.is_empty() {
+        flush_batch(node, archive, config, backlog, acknowledge).await?;
     }
+    Ok(())
 }
 
-/// Spreads one round's batches over [`SPREAD`] of the flush interval. The pause before each
-/// batch is planned anew from what is pending then: the backlog grows while a round runs, and
-/// a pause fixed at the round's start (from a backlog that happened to be small) let the
-/// archive fall behind a steady load for good.
-struct RoundPacer {
-    deadline: Instant,
-    batch: u64,
-}
-
-impl RoundPacer {
-    fn new(started: Instant, interval: Duration, batch: usize) -> Self {
-        RoundPacer {
-            deadline: started + interval.mul_f64(SPREAD),
-            batch: batch.max(1) as u64,
-        }
-    }
-
-    /// The pause before the next batch: the time left until the deadline shared by the
-    /// batches `pending` still needs; none once the deadline has passed (a backlog too large
-    /// to spread, after an outage or under a load the spread cannot keep up with, drains at
-    /// full speed).
-    fn gap(&self, now: Instant, pending: u64) -> Duration {
-        let left = self.deadline.saturating_duration_since(now);
-        let batches = pending.div_ceil(self.batch).max(1);
-        left / batches.min(u32::MAX as u64) as u32
-    }
+/// The pause before the next batch when `pending` events are still unarchived: the interval
+/// shared by the batches they make, so a backlog drains over about one interval whatever its
+/// size. A steady load of `r` events/s settles at about `r × interval` pending, a batch every
+/// `BATCH_EVENTS / r` seconds; less than a batch pending waits the whole interval.
+fn pause_after_batch(interval: Duration, pending: u64) -> Duration {
+    let batches = pending.div_ceil(BATCH_EVENTS as u64).max(1);
+    interval / batches.min(u32::MAX as u64) as u32
 }
 
 async fn flush_batch(
@@ -194,7 +162,7 @@ async fn flush_batch(
     config: &ArchiverConfig,
     backlog: ArchiveBacklog,
     acknowledge: bool,
-) -> Result<u64, ArchiveError> {
+) -> Result<(), ArchiveError> {
     let started = Instant::now();
     if !backlog.sessions.is_empty() {
         let sessions: Vec<ArchivedSession> = backlog
@@ -223,7 +191,6 @@ async fn flush_batch(
                 })
         })
         .collect();
-    let count = events.len() as u64;
     if !events.is_empty() {
         let stats = archive.insert_events(&events).await?;
         metrics::counter!(ATTEMPTED).increment(stats.attempted);
@@ -234,7 +201,7 @@ async fn flush_batch(
     metrics::histogram!(FLUSH_DURATION).record(started.elapsed().as_secs_f64() * 1000.0);
     node.headers_archived(&backlog.sessions);
     if !acknowledge {
-        return Ok(count);
+        return Ok(());
     }
     let marks: Vec<(String, u64)> = backlog
         .runs
@@ -247,37 +214,57 @@ async fn flush_batch(
         // harmless).
         Err(e) => tracing::warn!(error = %e, "archive acknowledgements not logged"),
     }
-    Ok(count)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const INTERVAL: Duration = Duration::from_secs(5);
+
     #[test]
-    fn a_round_is_spread_over_most_of_the_interval() {
-        let start = Instant::now();
-        let pacer = RoundPacer::new(start, Duration::from_secs(5), 5_000);
-        // 150,000 events at the start: 30 batches over 3 s, one every 100 ms.
-        assert_eq!(pacer.gap(start, 150_000), Duration::from_millis(100));
-        // One batch left: it may wait for the rest of the spread.
-        assert_eq!(pacer.gap(start, 10), Duration::from_secs(3));
-        // A huge backlog: gaps shorter than a batch takes, so it drains at full speed.
-        assert!(pacer.gap(start, 50_000_000) < Duration::from_millis(1));
+    fn a_backlog_is_spread_over_one_interval() {
+        // 150,000 events: 30 batches over 5 s, one every ~167 ms.
+        assert_eq!(
+            pause_after_batch(INTERVAL, 150_000),
+            Duration::from_millis(5_000) / 30
+        );
+        // A huge backlog: pauses far shorter than a batch takes, so it drains at full speed.
+        assert!(pause_after_batch(INTERVAL, 50_000_000) < Duration::from_millis(1));
     }
 
     #[test]
-    fn the_pause_follows_a_backlog_that_grows_during_the_round() {
-        let start = Instant::now();
-        let pacer = RoundPacer::new(start, Duration::from_secs(5), 5_000);
-        // The round began with a small backlog (two batches: 1.5 s apart)...
-        assert_eq!(pacer.gap(start, 6_000), Duration::from_millis(1_500));
-        // ...but a steady load grew it: a second later the 2 s left are shared by 20
-        // batches, not spent 1.5 s per batch (which archived 3,300 events/s whatever came in).
-        let later = start + Duration::from_secs(1);
-        assert_eq!(pacer.gap(later, 100_000), Duration::from_millis(100));
-        // Past the spread's deadline, what is still pending drains without pauses.
-        let past = start + Duration::from_secs(4);
-        assert_eq!(pacer.gap(past, 100_000), Duration::ZERO);
+    fn less_than_a_batch_pending_waits_the_whole_interval() {
+        assert_eq!(pause_after_batch(INTERVAL, 0), INTERVAL);
+        assert_eq!(pause_after_batch(INTERVAL, 10), INTERVAL);
+        assert_eq!(pause_after_batch(INTERVAL, BATCH_EVENTS as u64), INTERVAL);
+        assert_eq!(
+            pause_after_batch(INTERVAL, BATCH_EVENTS as u64 + 1),
+            INTERVAL / 2
+        );
+    }
+
+    #[test]
+    fn a_steady_load_is_archived_as_fast_as_it_comes() {
+        // 7,000 events/s: simulate batch by batch; the backlog settles near rate × interval
+        // and the archive keeps up (no unbounded growth, no idle stretches of seconds).
+        let rate = 7_000.0;
+        let mut pending = 0.0f64;
+        let mut archived = 0.0;
+        let mut elapsed = 0.0;
+        for _ in 0..1_000 {
+            archived += pending.min(BATCH_EVENTS as f64);
+            pending -= pending.min(BATCH_EVENTS as f64);
+            let pause = pause_after_batch(INTERVAL, pending as u64).as_secs_f64();
+            pending += rate * pause;
+            elapsed += pause;
+        }
+        assert!(pending < rate * INTERVAL.as_secs_f64() * 1.2, "{pending}");
+        let archived_rate = archived / elapsed;
+        assert!(
+            (archived_rate - rate).abs() < rate * 0.05,
+            "{archived_rate}"
+        );
     }
 }
