@@ -58,8 +58,10 @@ stop_all
 echo "==> three-node cluster"
 nodes="n1@127.0.0.1:7201,n2@127.0.0.1:7202,n3@127.0.0.1:7203"
 start_node() {
+  # Worker threads: the server's default (the cores shared out among the nodes on this host)
+  # unless WORKER_THREADS is set.
   NODE_NAME="n$1" CLUSTER_NODES="$nodes" PORT="460$1" STARCITE_RAFT_DATA_DIR="$work/n$1" \
-    STARCITE_WORKER_THREADS="${WORKER_THREADS:-2}" "$bin/starcite" serve >>"$work/n$1.log" 2>&1 &
+    env ${WORKER_THREADS:+STARCITE_WORKER_THREADS=$WORKER_THREADS} "$bin/starcite" serve >>"$work/n$1.log" 2>&1 &
   pids+=($!)
 }
 for i in 1 2 3; do start_node "$i"; done

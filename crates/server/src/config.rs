@@ -68,7 +68,8 @@ pub struct ServeConfig {
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
 
-    /// Archive flush cadence in milliseconds.
+    /// Archive cadence in milliseconds: what is pending is copied over about this long, in
+    /// 5,000-event batches (less than a batch pending: once per interval).
     #[arg(long, env = "STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub archive_flush_interval_ms: u64,
@@ -148,8 +149,9 @@ pub struct ServeConfig {
     #[arg(long, env = "STARCITE_CORS_ORIGINS")]
     pub cors_origins: Option<String>,
 
-    /// Threads serving requests and peers. Default: one per CPU core. Several nodes sharing one
-    /// machine (a local test cluster) do better with fewer each.
+    /// Threads serving requests and peers. Default: one per CPU core, shared out among the
+    /// cluster's nodes on this same host (at least one each): three nodes on a 2-core machine
+    /// get one each.
     #[arg(long, env = "STARCITE_WORKER_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
@@ -223,6 +225,32 @@ impl ServeConfig {
             .unwrap_or_default()
     }
 
+    /// How many of the cluster's nodes (this one included) run on this node's host: the same
+    /// host name or address, or loopback addresses both. 1 for a single node.
+    pub fn nodes_on_this_host(&self) -> usize {
+        let nodes = self.cluster();
+        let Some((_, mine)) = nodes.iter().find(|(name, _)| name == &self.node_name) else {
+            return 1;
+        };
+        let mine = host_of(mine);
+        nodes
+            .iter()
+            .filter(|(_, addr)| same_host(&host_of(addr), &mine))
+            .count()
+            .max(1)
+    }
+
+    /// Tokio worker threads: as configured, else the host's cores shared out among the nodes
+    /// running on it. Several processes each taking every core fight over them: on two cores,
+    /// three nodes with two workers each used ~15% more CPU per append than with one each,
+    /// for a higher tail latency and no more throughput (docs/benchmarks.md).
+    pub fn worker_thread_count(&self, cores: usize) -> usize {
+        match self.worker_threads {
+            Some(n) => usize::from(n),
+            None => (cores / self.nodes_on_this_host()).max(1),
+        }
+    }
+
     /// Where the internal listener binds, for a multi-node cluster.
     pub fn cluster_listen_addr(&self) -> Option<std::net::SocketAddr> {
         let nodes = self.cluster();
@@ -240,6 +268,20 @@ impl ServeConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+}
+
+/// The host part of `host:port` (brackets of an IPv6 address removed), lowercased.
+fn host_of(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+fn same_host(a: &str, b: &str) -> bool {
+    let loopback =
+        |h: &str| h == "localhost" || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    a == b || (loopback(a) && loopback(b))
 }
 
 /// `name@host:port,…` → [(name, "host:port")].
@@ -292,6 +334,40 @@ mod tests {
         let mut all = vec!["starcite"];
         all.extend_from_slice(args);
         Args::parse_from(all).serve
+    }
+
+    /// A config for node `name` of the cluster `nodes`, plus `extra` flags.
+    fn node(name: &str, nodes: &str, extra: &[&str]) -> ServeConfig {
+        let mut args = vec!["--node-name", name, "--cluster-nodes", nodes];
+        args.extend_from_slice(extra);
+        config(&args)
+    }
+
+    #[test]
+    fn cores_are_shared_out_among_the_nodes_on_this_host() {
+        // A single node takes every core.
+        let c = config(&[]);
+        assert_eq!(c.nodes_on_this_host(), 1);
+        assert_eq!(c.worker_thread_count(8), 8);
+        // Three nodes on loopback (one spelled `localhost`): a third of the cores, at least one.
+        let loopback = "n1@127.0.0.1:7101,n2@127.0.0.1:7102,n3@localhost:7103";
+        let c = node("n2", loopback, &[]);
+        assert_eq!(c.nodes_on_this_host(), 3);
+        assert_eq!(c.worker_thread_count(2), 1);
+        assert_eq!(c.worker_thread_count(8), 2);
+        // Nodes on their own hosts take every core; two of three sharing a host halve them.
+        let c = node(
+            "n1",
+            "n1@10.0.0.1:7101,n2@10.0.0.2:7101,n3@10.0.0.3:7101",
+            &[],
+        );
+        assert_eq!(c.worker_thread_count(8), 8);
+        let c = node("n1", "n1@[::1]:7101,n2@[::1]:7102,n3@10.0.0.3:7101", &[]);
+        assert_eq!(c.nodes_on_this_host(), 2);
+        assert_eq!(c.worker_thread_count(8), 4);
+        // A configured count wins.
+        let c = node("n1", loopback, &["--worker-threads", "2"]);
+        assert_eq!(c.worker_thread_count(2), 2);
     }
 
     #[test]

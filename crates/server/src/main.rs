@@ -90,11 +90,19 @@ fn serve(mut config: ServeConfig) -> ExitCode {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::debug!(error = %e, "cannot turn transparent huge pages off");
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.worker_threads {
-        runtime.worker_threads(usize::from(n));
-    }
-    let runtime = match runtime.enable_all().build() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = config.worker_thread_count(cores);
+    tracing::info!(
+        workers,
+        cores,
+        nodes_on_this_host = config.nodes_on_this_host(),
+        "worker threads (STARCITE_WORKER_THREADS sets them)"
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("starcite: cannot start the async runtime: {e}");
