@@ -294,6 +294,38 @@ async fn leader_kill_under_load_loses_nothing() {
     }
 }
 
+/// Nodes started one after another: the first ones up win every election they can, then
+/// leadership moves to each group's preferred node, so that soon after the last node is ready
+/// every node leads about a third of the groups (and takes a third of the writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leaders_spread_evenly_soon_after_a_staggered_start() {
+    // The default group count: with the tests' few groups any pace of moves looks quick.
+    let mut cluster = Cluster::unstarted(3, &[("STARCITE_RAFT_GROUPS", "256")]);
+    for node in &mut cluster.nodes {
+        node.launch();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    for node in &cluster.nodes {
+        node.wait_ready().await;
+    }
+    let fair = 256.0 / 3.0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    loop {
+        let mut led = Vec::new();
+        for node in &cluster.nodes {
+            led.push(support::metric(node, "starcite_raft_groups_led").await);
+        }
+        if led.iter().all(|n| (n - fair).abs() <= 8.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "groups led per node still uneven 4 s after the last node was ready: {led:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_node_resumes_and_catches_up() {
     let cluster = Cluster::start(3, &[]).await;
