@@ -42,12 +42,18 @@ struct WorkerResult {
     acked: Vec<(usize, u64)>,
 }
 
+/// What the workers have done so far, for the progress line.
+#[derive(Default)]
+struct Progress {
+    done: AtomicU64,
+    errors: AtomicU64,
+    /// The slowest acknowledged request since the last progress line, in microseconds: a
+    /// stall shows up in the second it happened, not only in the run's tail percentiles.
+    slowest_us: AtomicU64,
+}
+
 /// Progress line on stderr once a second.
-fn spawn_progress(
-    done: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    quiet: bool,
-) -> tokio::task::JoinHandle<()> {
+fn spawn_progress(progress: Arc<Progress>, quiet: bool) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if quiet {
             return;
@@ -57,11 +63,13 @@ fn spawn_progress(
         tick.tick().await;
         loop {
             tick.tick().await;
-            let now = done.load(Ordering::Relaxed);
+            let now = progress.done.load(Ordering::Relaxed);
+            let slowest = progress.slowest_us.swap(0, Ordering::Relaxed);
             eprintln!(
-                "  {:>8} ops/s  (errors so far: {})",
+                "  {:>8} ops/s  slowest {:>7.1} ms  (errors so far: {})",
                 now - last,
-                errors.load(Ordering::Relaxed)
+                slowest as f64 / 1000.0,
+                progress.errors.load(Ordering::Relaxed)
             );
             last = now;
         }
@@ -87,8 +95,7 @@ pub trait Target: Send {
 async fn drive<T: Target>(
     load: &Load,
     worker: usize,
-    done: Arc<AtomicU64>,
-    errs: Arc<AtomicU64>,
+    progress: &Progress,
     target: &mut T,
 ) -> WorkerResult {
     let mut hist = histogram();
@@ -132,14 +139,15 @@ async fn drive<T: Target>(
                     let us = finished.saturating_duration_since(intended).as_micros() as u64;
                     let _ = hist.record(us.max(1));
                     acked.push((stream, seq));
-                    done.fetch_add(1, Ordering::Relaxed);
+                    progress.done.fetch_add(1, Ordering::Relaxed);
+                    progress.slowest_us.fetch_max(us, Ordering::Relaxed);
                 }
                 Err(e) => {
                     if errors < 3 {
                         eprintln!("  worker {worker}: {e}");
                     }
                     errors += 1;
-                    errs.fetch_add(1, Ordering::Relaxed);
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -484,22 +492,21 @@ async fn run_load<T: Target + 'static>(
     load: &Load,
     targets: Vec<T>,
 ) -> Result<Vec<WorkerResult>, String> {
-    let done = Arc::new(AtomicU64::new(0));
-    let errs = Arc::new(AtomicU64::new(0));
-    let progress = spawn_progress(done.clone(), errs.clone(), load.quiet);
+    let progress = Arc::new(Progress::default());
+    let printer = spawn_progress(progress.clone(), load.quiet);
     let mut tasks = Vec::new();
     for (w, mut target) in targets.into_iter().enumerate() {
         let load = load.clone();
-        let (done, errs) = (done.clone(), errs.clone());
+        let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
-            drive(&load, w, done, errs, &mut target).await
+            drive(&load, w, &progress, &mut target).await
         }));
     }
     let mut results = Vec::new();
     for t in tasks {
         results.push(t.await.map_err(|e| format!("worker crashed: {e}"))?);
     }
-    progress.abort();
+    printer.abort();
     Ok(results)
 }
 
