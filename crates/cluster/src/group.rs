@@ -417,7 +417,7 @@ impl Node {
             match core.raft.log().term_at(applied) {
                 Some(term) if applied > file_index => {
                     // Apply runs under the core lock, so the state is exactly `applied`.
-                    Some((applied, term, g.shared.read(|d| d.state.clone())))
+                    Some((applied, term, g.shared.read(|d| d.state.for_snapshot())))
                 }
                 _ => None,
             }
