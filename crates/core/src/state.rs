@@ -163,14 +163,19 @@ impl Session {
         bytes
     }
 
-    /// Takes the events below `seq` out of memory. Returns them, for the caller to free
-    /// where it likes, and the memory they held.
-    fn take_memory_before(&mut self, seq: u64) -> (Vec<Bytes>, u64) {
+    /// Takes the events below `seq` out of memory: into `keep`, for the caller to free where
+    /// it likes, or dropped here. Returns how many, and the memory they held.
+    fn release_memory_before(&mut self, seq: u64, mut keep: Option<&mut Vec<Bytes>>) -> (u64, u64) {
         let n = (seq.saturating_sub(self.first_seq) as usize).min(self.events.len());
-        let taken: Vec<Bytes> = self.events.drain(..n).collect();
+        let mut bytes = 0;
+        for event in self.events.drain(..n) {
+            bytes += event_cost(&event);
+            if let Some(kept) = keep.as_deref_mut() {
+                kept.push(event);
+            }
+        }
         self.first_seq += n as u64;
-        let bytes = taken.iter().map(|e| event_cost(e)).sum();
-        (taken, bytes)
+        (n as u64, bytes)
     }
 
     /// The answer for an append carrying `key` if the key is remembered: a dedupe when the
@@ -374,9 +379,9 @@ impl GroupState {
         for session in self.sessions.values_mut() {
             // With spilled runs, memory starts above the archive mark: nothing to drop.
             if session.spilled.is_empty() {
-                let (events, bytes) = session.take_memory_before(session.archived_seq + 1);
+                let (_, bytes) =
+                    session.release_memory_before(session.archived_seq + 1, Some(&mut taken));
                 self.hot_bytes -= bytes;
-                taken.extend(events);
             }
         }
         taken
@@ -621,9 +626,9 @@ impl GroupState {
             session.spilled.pop_front();
         }
         let keep_from = mark.archived_seq.saturating_sub(keep_hot) + 1;
-        let (trimmed, bytes) = session.take_memory_before(keep_from);
+        let (trimmed, bytes) = session.release_memory_before(keep_from, None);
         self.hot_bytes -= bytes;
-        Some(trimmed.len() as u64)
+        Some(trimmed)
     }
 }
 
