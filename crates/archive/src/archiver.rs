@@ -1,7 +1,8 @@
 //! The archiver: on each group's leader (every group, on a single node), copy durable but
 //! unarchived events to the archive in large idempotent batches, paced so that what is pending
-//! drains over about one flush interval, then log an archive acknowledgement per session so every replica advances its archive mark
-//! (over a contiguous prefix only) and trims memory down to `keep_hot` archived events. In a
+//! drains over about one flush interval, then log an archive acknowledgement per session so
+//! every replica advances its archive mark (over a contiguous prefix only) and trims memory
+//! down to `keep_hot` archived events. In a
 //! cluster without a shared archive, every replica does this for its own file and applies its
 //! marks locally (see `starcite_cluster::ArchiveReader`).
 //!

@@ -111,11 +111,8 @@ impl Node {
             }
             let started = Instant::now();
             let g = &self.groups[index as usize];
-            let (n, taken) = g.shared.update(|d| {
-                let before = d.state.hot_bytes();
-                let taken = d.state.take_archived();
-                (before - d.state.hot_bytes(), taken)
-            });
+            let (taken, n) = g.shared.update(|d| d.state.take_archived());
+            // Outside the group's lock.
             drop(taken);
             freed += n;
             total = total.saturating_sub(n);

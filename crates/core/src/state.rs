@@ -366,25 +366,26 @@ impl GroupState {
     /// Drops from memory the events the archive already holds (kept hot for fast reads,
     /// which the archive then serves). Returns the memory freed.
     pub fn drop_archived(&mut self) -> u64 {
-        let before = self.hot_bytes;
-        drop(self.take_archived());
-        before - self.hot_bytes
+        self.take_archived().1
     }
 
-    /// Takes the events the archive already holds out of memory and returns them: freeing
-    /// events that have gone cold costs about a microsecond each (cache misses), which a
-    /// caller holding a lock the request path needs does better outside it.
-    pub fn take_archived(&mut self) -> Vec<Bytes> {
+    /// Takes the events the archive already holds out of memory and returns them, with the
+    /// memory they held: freeing events that have gone cold costs about a microsecond each
+    /// (cache misses), which a caller holding a lock the request path needs does better
+    /// outside it.
+    pub fn take_archived(&mut self) -> (Vec<Bytes>, u64) {
         let mut taken = Vec::new();
+        let mut freed = 0;
         for session in self.sessions.values_mut() {
             // With spilled runs, memory starts above the archive mark: nothing to drop.
             if session.spilled.is_empty() {
                 let (_, bytes) =
                     session.release_memory_before(session.archived_seq + 1, Some(&mut taken));
-                self.hot_bytes -= bytes;
+                freed += bytes;
             }
         }
-        taken
+        self.hot_bytes -= freed;
+        (taken, freed)
     }
 
     /// Takes the events of every session out of memory for spilling, in runs of at most
