@@ -86,8 +86,14 @@ const OVERLAPPING: &str = "SELECT r.key AS run, c.first_seq AS first_seq, c.last
        AND c.last_seq >= r.value ->> 1
      ORDER BY r.key, c.first_seq";
 
+/// Writes and reads go through separate pools. The writer's one connection is opened by
+/// whoever opens the archive (the archiver's low-priority thread), and its SQLite thread
+/// inherits that thread's CPU priority; readers' connections are opened lazily by whoever
+/// reads first (a request path thread), so a tail reading archived events never waits at
+/// the archiver's priority. WAL mode lets reads run beside the writer.
 pub struct SqliteArchive {
-    pool: SqlitePool,
+    writer: SqlitePool,
+    reader: SqlitePool,
 }
 
 fn rfc3339_millis(millis: i64) -> String {
@@ -107,12 +113,17 @@ impl SqliteArchive {
             .busy_timeout(Duration::from_secs(5))
             .pragma("cache_size", "-65536")
             .pragma("wal_autocheckpoint", CHECKPOINT_PAGES.to_string());
-        let pool = SqlitePoolOptions::new()
+        // One writer: the archiver sends one batch at a time, and SQLite takes one at a time.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
-            .await?;
-        let archive = SqliteArchive { pool };
+            .connect_lazy_with(options);
+        let archive = SqliteArchive { writer, reader };
         archive.migrate().await?;
         Ok(archive)
     }
@@ -120,7 +131,7 @@ impl SqliteArchive {
     /// Creates the tables, converting a file of the first layout (one row per event) in the
     /// same transaction, so an interrupted conversion leaves the old layout intact.
     async fn migrate(&self) -> Result<(), ArchiveError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
             .fetch_one(&mut *tx)
             .await?;
@@ -153,7 +164,7 @@ impl SqliteArchive {
     }
 
     pub async fn upsert_sessions(&self, sessions: &[ArchivedSession]) -> Result<(), ArchiveError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         for chunk in sessions.chunks(rows_per_statement(4)) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT OR IGNORE INTO sessions (id, title, metadata, created_at) ",
@@ -195,7 +206,7 @@ impl SqliteArchive {
         for part in chunk::commits(chunk::runs(parsed), COMMIT_BYTES) {
             // Immediate: the transaction reads what is stored before it writes, and no other
             // writer may slip in between.
-            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
             let (rows, bytes) = insert_runs(&mut tx, &part).await?;
             stats.inserted += rows;
             stats.bytes_inserted += bytes;
@@ -234,7 +245,7 @@ impl SqliteArchive {
         .bind(session_id)
         .bind(seq_param(after_seq))
         .bind(chunk::MAX_EVENTS as i64)
-        .fetch(&self.pool);
+        .fetch(&self.reader);
         while let Some(row) = rows.try_next().await? {
             let first_seq = row.try_get::<i64, _>("first_seq")? as u64;
             let text = Bytes::from(row.try_get::<String, _>("frames")?);
@@ -258,7 +269,7 @@ impl SqliteArchive {
             "SELECT first_seq, last_seq FROM event_chunks WHERE session_id = ? ORDER BY first_seq",
         )
         .bind(session_id)
-        .fetch(&self.pool);
+        .fetch(&self.reader);
         let mut next = 1u64;
         while let Some(row) = rows.try_next().await? {
             let first = row.try_get::<i64, _>("first_seq")? as u64;
@@ -273,7 +284,7 @@ impl SqliteArchive {
     pub async fn archived_seq(&self, session_id: &str) -> Result<u64, ArchiveError> {
         let row = sqlx::query("SELECT archived_seq FROM sessions WHERE id = ?")
             .bind(session_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         Ok(match row {
             Some(r) => r.try_get::<i64, _>("archived_seq")? as u64,
@@ -282,7 +293,7 @@ impl SqliteArchive {
     }
 
     pub async fn health(&self) -> Result<(), ArchiveError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
 }

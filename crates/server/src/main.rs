@@ -7,11 +7,13 @@ mod error;
 mod listener;
 mod metrics;
 mod openapi;
+mod priority;
 mod reader;
 mod tail;
 
 use clap::{Parser, Subcommand};
 use config::ServeConfig;
+use priority::ArchivePriority;
 use starcite_cluster::{ClusterState, Node, NodeConfig};
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
@@ -232,16 +234,11 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// How much lower than the request path the archiver's thread runs (a `nice` increment). Its
-/// work can wait; appends and tails cannot. Under a load that keeps both cores busy it still
-/// kept up with the appends (docs/benchmarks.md, fourth session).
-const ARCHIVER_NICE: i32 = 10;
-
-/// Runs the archiver on a thread of its own, at a lower CPU priority, with its own
-/// single-threaded runtime: batch encoding and its database connections (their threads
-/// inherit the priority, so the embedded archive's SQLite writes and checkpoints do too) then
-/// wait for the request path instead of holding one of its workers or cores. Resolves when
-/// the archiver has stopped.
+/// Runs the archiver on a thread of its own, at a lower CPU priority (see [`priority`]), with
+/// its own single-threaded runtime: batch encoding and its database connections (their
+/// threads inherit the priority, so the embedded archive's SQLite writes and checkpoints do
+/// too) then wait for the request path instead of holding one of its workers or cores.
+/// Resolves when the archiver has stopped.
 fn spawn_archiver(
     config: ServeConfig,
     node: Arc<Node>,
@@ -252,21 +249,56 @@ fn spawn_archiver(
     std::thread::Builder::new()
         .name("starcite-archive".into())
         .spawn(move || {
-            // `None` is the calling thread on Linux (nice is per thread there).
-            if let Err(e) = rustix::process::setpriority_process(None, ARCHIVER_NICE) {
+            let start_idle = priority::idle_is_reversible();
+            let initial = if start_idle {
+                ArchivePriority::Idle
+            } else {
+                ArchivePriority::Background
+            };
+            if let Err(e) = priority::set_current_thread(initial) {
                 tracing::warn!(error = %e, "cannot lower the archiver's priority; it runs at the request path's");
             }
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                Ok(runtime) => runtime.block_on(archive_loop(config, node, slot, stop)),
+                Ok(runtime) => {
+                    if start_idle {
+                        runtime.spawn(follow_memory_pressure(node.clone()));
+                    } else {
+                        tracing::info!("no CAP_SYS_NICE: the archive runs at nice {} throughout, not on idle time only", priority::BACKGROUND_NICE);
+                    }
+                    runtime.block_on(archive_loop(config, node, slot, stop))
+                }
                 Err(e) => tracing::error!(error = %e, "cannot start the archiver's runtime; nothing is archived"),
             }
             let _ = stopped_tx.send(());
         })
         .map_err(|e| format!("cannot start the archiver thread: {e}"))?;
     Ok(stopped_rx)
+}
+
+/// Moves the archive's threads between idle and background priority as the node's spilled
+/// events come and go (see [`priority`]). Runs on the archiver's runtime, until it stops.
+async fn follow_memory_pressure(node: Arc<Node>) {
+    let mut current = ArchivePriority::Idle;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let wanted = ArchivePriority::for_spilled_bytes(node.spill_disk_bytes());
+        if wanted == current {
+            continue;
+        }
+        match priority::set_archive_threads(wanted) {
+            Ok(threads) => {
+                tracing::info!(priority = ?wanted, threads, "archive priority changed");
+                current = wanted;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, priority = ?wanted, "cannot change the archive's priority")
+            }
+        }
+    }
 }
 
 /// Connects the archive (retrying with backoff: the node serves appends and tails meanwhile),

@@ -356,6 +356,8 @@ async fn a_long_outage_spills_to_local_disk_and_loses_nothing() {
     assert!(metric(&server, "starcite_spill_disk_bytes").await >= 5_000_000.0);
     // More than one archive batch (5,000 events) waits for the archive.
     assert!(metric(&server, "starcite_archive_pending_rows").await >= 5340.0);
+    // Events on disk for want of the archive: it competes for the CPU now.
+    wait_archiver_priority(&server, (10, SCHED_OTHER), "with events spilled").await;
     // Tails past the archive read the spilled events back, in order, then memory, then live.
     for id in &ids {
         assert_contiguous(&ws_events(&server, id, 20, LAST as usize - 20).await, 21);
@@ -398,6 +400,7 @@ async fn a_long_outage_spills_to_local_disk_and_loses_nothing() {
         Duration::from_secs(40),
     )
     .await;
+    wait_archiver_priority(&server, (10, SCHED_IDLE), "with nothing spilled").await;
     server.restart().await;
     assert_contiguous(&ws_events(&server, "sp1", 0, LAST as usize).await, 1);
 }
@@ -606,8 +609,19 @@ async fn a_healthy_archive_keeps_memory_in_budget_without_spilling() {
     }
 }
 
-/// `(thread name, nice)` of every thread of a running process, from `/proc`.
-fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+/// How a thread is scheduled, from `/proc/<pid>/task/<tid>/stat`.
+#[derive(Debug)]
+struct ThreadPriority {
+    name: String,
+    nice: i64,
+    /// 0 `SCHED_OTHER`, 5 `SCHED_IDLE`.
+    policy: i64,
+}
+
+const SCHED_OTHER: i64 = 0;
+const SCHED_IDLE: i64 = 5;
+
+fn thread_priorities(pid: u32) -> Vec<ThreadPriority> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's threads");
     tasks
         .filter_map(|task| {
@@ -616,38 +630,73 @@ fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
             let open = stat.find('(')?;
             let close = stat.rfind(')')?;
             let name = stat[open + 1..close].to_owned();
-            // After the name: state is field 3 of stat(5), nice field 19.
-            let nice = stat[close + 1..].split_whitespace().nth(16)?.parse().ok()?;
-            Some((name, nice))
+            // After the name: state is field 3 of proc_pid_stat(5), nice 19, policy 41.
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            Some(ThreadPriority {
+                name,
+                nice: fields.get(16)?.parse().ok()?,
+                policy: fields.get(38)?.parse().ok()?,
+            })
         })
         .collect()
 }
 
+/// `(nice, policy)` of the server's threads whose name starts with `prefix`.
+fn priorities_of(server: &Server, prefix: &str) -> Vec<(i64, i64)> {
+    thread_priorities(server.pid())
+        .into_iter()
+        .filter(|t| t.name.starts_with(prefix))
+        .map(|t| (t.nice, t.policy))
+        .collect()
+}
+
 #[tokio::test]
-async fn the_archiver_and_its_sqlite_connection_run_below_the_request_path() {
+async fn the_archive_writes_on_idle_time_and_reads_at_the_request_paths_priority() {
     let server = Server::start(&FAST_ARCHIVE).await;
     let client = reqwest::Client::new();
     create(&client, &server, "ses_niced").await;
-    append_n(&client, &server, "ses_niced", 1, 5).await;
+    append_n(&client, &server, "ses_niced", 1, 50).await;
     wait_archived(&server).await;
     let threads = thread_priorities(server.pid());
-    let nice_of = |prefix: &str| -> Vec<i64> {
-        threads
-            .iter()
-            .filter(|(name, _)| name.starts_with(prefix))
-            .map(|(_, nice)| *nice)
-            .collect()
-    };
-    let archiver = nice_of("starcite-archiv");
-    let sqlite = nice_of("sqlx-sqlite");
-    let workers = nice_of("tokio-rt-worker");
-    assert_eq!(archiver, vec![10], "the archiver thread: {threads:?}");
-    assert!(
-        !sqlite.is_empty() && sqlite.iter().all(|&n| n == 10),
-        "the archive's SQLite connection threads inherit the archiver's priority: {threads:?}"
+    assert_eq!(
+        priorities_of(&server, "starcite-archiv"),
+        vec![(10, SCHED_IDLE)],
+        "the archiver thread runs on idle time: {threads:?}"
     );
+    assert_eq!(
+        priorities_of(&server, "sqlx-sqlite"),
+        vec![(10, SCHED_IDLE)],
+        "the archive's writer connection inherits the archiver's priority: {threads:?}"
+    );
+    let workers = priorities_of(&server, "tokio-rt-worker");
     assert!(
-        !workers.is_empty() && workers.iter().all(|&n| n == 0),
+        !workers.is_empty() && workers.iter().all(|&p| p == (0, SCHED_OTHER)),
         "the request path keeps the normal priority: {threads:?}"
     );
+
+    // Events 1..=40 left memory (10 kept hot): a replay from 0 reads them from the archive,
+    // on a reader connection opened by the request path, at its priority.
+    assert_contiguous(&ws_events(&server, "ses_niced", 0, 50).await, 1);
+    let sqlite = priorities_of(&server, "sqlx-sqlite");
+    assert!(
+        sqlite.contains(&(0, SCHED_OTHER)) && sqlite.contains(&(10, SCHED_IDLE)),
+        "a reader connection at the request path's priority beside the writer: {:?}",
+        thread_priorities(server.pid())
+    );
+}
+
+/// Waits until the archiver thread is scheduled as `(nice, policy)`.
+async fn wait_archiver_priority(server: &Server, wanted: (i64, i64), why: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let archiver = priorities_of(server, "starcite-archiv");
+        if archiver == vec![wanted] {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{why}: the archiver is {archiver:?}, not {wanted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
