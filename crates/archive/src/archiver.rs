@@ -12,6 +12,7 @@
 
 use crate::{Archive, ArchiveError, ArchivedEvent, ArchivedSession};
 use starcite_cluster::{ArchiveBacklog, Node};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -24,6 +25,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub struct ArchiverConfig {
     pub flush_interval: Duration,
     pub keep_hot: u64,
+    /// The runtime the node's request path runs on. The archiver's own thread may run at a
+    /// priority that waits for any other work (see the server's `priority`); everything that
+    /// takes the node's locks (collecting a batch, recording marks, proposing them) runs
+    /// here instead, so a request never waits for a lock held by a thread that is itself
+    /// waiting for the CPU.
+    pub node_runtime: tokio::runtime::Handle,
 }
 
 pub const PENDING_ROWS: &str = "starcite_archive_pending_rows";
@@ -119,7 +126,15 @@ pub async fn run(
         match flush_next(&node, &archive, &config, true).await {
             Ok(()) => {
                 backoff = config.flush_interval;
-                pause = pause_after_batch(config.flush_interval, node.archive_lag().pending_events);
+                let lag = on_node(&config, {
+                    let node = node.clone();
+                    async move { node.archive_lag() }
+                })
+                .await;
+                let Ok(lag) = lag else {
+                    return; // The node's runtime is shutting down.
+                };
+                pause = pause_after_batch(config.flush_interval, lag.pending_events);
             }
             Err(e) => {
                 metrics::counter!(FAILURES).increment(1);
@@ -136,16 +151,32 @@ pub async fn run(
 /// last flush while stopping copies rows only: the marks would go through Raft, and without
 /// them moving the same rows come back, harmlessly, next time.
 async fn flush_next(
-    node: &Node,
+    node: &Arc<Node>,
     archive: &Archive,
     config: &ArchiverConfig,
     acknowledge: bool,
 ) -> Result<(), ArchiveError> {
-    let backlog = node.archive_backlog(BATCH_EVENTS).await;
+    let backlog = on_node(config, {
+        let node = node.clone();
+        async move { node.archive_backlog(BATCH_EVENTS).await }
+    })
+    .await?;
     if !backlog.is_empty() {
         flush_batch(node, archive, config, backlog, acknowledge).await?;
     }
     Ok(())
+}
+
+/// Runs `work` on the node's runtime (see [`ArchiverConfig::node_runtime`]) and waits for it.
+async fn on_node<T: Send + 'static>(
+    config: &ArchiverConfig,
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, ArchiveError> {
+    config
+        .node_runtime
+        .spawn(work)
+        .await
+        .map_err(|_| ArchiveError::NodeStopping)
 }
 
 /// The pause before the next batch when `pending` events are still unarchived: the interval
@@ -158,7 +189,7 @@ fn pause_after_batch(interval: Duration, pending: u64) -> Duration {
 }
 
 async fn flush_batch(
-    node: &Node,
+    node: &Arc<Node>,
     archive: &Archive,
     config: &ArchiverConfig,
     backlog: ArchiveBacklog,
@@ -200,16 +231,25 @@ async fn flush_batch(
         metrics::counter!(BYTES_INSERTED).increment(stats.bytes_inserted);
     }
     metrics::histogram!(FLUSH_DURATION).record(started.elapsed().as_secs_f64() * 1000.0);
-    node.headers_archived(&backlog.sessions);
-    if !acknowledge {
-        return Ok(());
-    }
     let marks: Vec<(String, u64)> = backlog
         .runs
         .iter()
         .map(|run| (run.session_id.clone(), run.last_seq()))
         .collect();
-    match node.acknowledge_archived(&marks, config.keep_hot).await {
+    let keep_hot = config.keep_hot;
+    let node = node.clone();
+    let acknowledged = on_node(config, async move {
+        node.headers_archived(&backlog.sessions);
+        if !acknowledge {
+            return None;
+        }
+        Some(node.acknowledge_archived(&marks, keep_hot).await)
+    })
+    .await?;
+    let Some(acknowledged) = acknowledged else {
+        return Ok(());
+    };
+    match acknowledged {
         Ok(trimmed) => metrics::counter!(TRIMMED).increment(trimmed),
         // The rows are in the archive; the marks advance on the next round (re-sending is
         // harmless).

@@ -30,6 +30,8 @@ pub enum ArchiveError {
     BadFrame(String),
     #[error("the archive file has layout {found}, newer than this build's {known}; run a newer starcite")]
     NewerLayout { found: i64, known: i64 },
+    #[error("the node is stopping")]
+    NodeStopping,
 }
 
 /// A session header as the archive stores it.

@@ -246,6 +246,9 @@ fn spawn_archiver(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, String> {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    // Called on the request path's runtime: the archiver hands it whatever takes the node's
+    // locks (see `ArchiverConfig::node_runtime`).
+    let node_runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("starcite-archive".into())
         .spawn(move || {
@@ -268,7 +271,7 @@ fn spawn_archiver(
                     } else {
                         tracing::info!("no CAP_SYS_NICE: the archive runs at nice {} throughout, not on idle time only", priority::BACKGROUND_NICE);
                     }
-                    runtime.block_on(archive_loop(config, node, slot, stop))
+                    runtime.block_on(archive_loop(config, node, node_runtime, slot, stop))
                 }
                 Err(e) => tracing::error!(error = %e, "cannot start the archiver's runtime; nothing is archived"),
             }
@@ -310,6 +313,7 @@ async fn follow_memory_pressure(node: Arc<Node>) {
 async fn archive_loop(
     config: ServeConfig,
     node: Arc<Node>,
+    node_runtime: tokio::runtime::Handle,
     slot: Arc<OnceLock<Arc<starcite_archive::Archive>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -352,6 +356,7 @@ async fn archive_loop(
         starcite_archive::ArchiverConfig {
             flush_interval: Duration::from_millis(config.archive_flush_interval_ms),
             keep_hot: config.tail_keep,
+            node_runtime,
         },
         stop,
     )
