@@ -126,15 +126,15 @@ pub async fn run(
         match flush_next(&node, &archive, &config, true).await {
             Ok(()) => {
                 backoff = config.flush_interval;
-                let lag = on_node(&config, {
+                let pending = on_node(&config, {
                     let node = node.clone();
-                    async move { node.archive_lag() }
+                    async move { node.archive_pending_events() }
                 })
                 .await;
-                let Ok(lag) = lag else {
+                let Ok(pending) = pending else {
                     return; // The node's runtime is shutting down.
                 };
-                pause = pause_after_batch(config.flush_interval, lag.pending_events);
+                pause = pause_after_batch(config.flush_interval, pending);
             }
             Err(e) => {
                 metrics::counter!(FAILURES).increment(1);

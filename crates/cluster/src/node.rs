@@ -939,12 +939,6 @@ impl Node {
         ))
     }
 
-    /// Bytes of spilled events on local disk: non-zero once the node has had to spill to stay
-    /// in its memory budget.
-    pub fn spill_disk_bytes(&self) -> u64 {
-        self.spill.disk_bytes()
-    }
-
     pub fn stats(&self) -> NodeStats {
         let wal = self.log.wal().stats();
         let mut stats = NodeStats {

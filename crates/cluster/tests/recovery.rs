@@ -2,6 +2,8 @@
 //! `last_seq` and idempotency keys, whether recovery starts from the log alone or from
 //! snapshots plus the log written after them.
 
+mod support;
+
 use bytes::Bytes;
 use starcite_cluster::{Node, NodeConfig};
 use starcite_core::{AppendRequest, CreateRequest};
@@ -28,13 +30,7 @@ fn config(dir: &Path, snapshots: bool) -> NodeConfig {
 }
 
 async fn open(config: NodeConfig) -> Arc<Node> {
-    let node = Node::open(config, None).await.expect("node opens");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.is_ready() {
-        assert!(Instant::now() < deadline, "node never became ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    node
+    support::open_ready(config).await
 }
 
 fn request(session: usize, i: usize) -> AppendRequest {

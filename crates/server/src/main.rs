@@ -7,13 +7,11 @@ mod error;
 mod listener;
 mod metrics;
 mod openapi;
-mod priority;
 mod reader;
 mod tail;
 
 use clap::{Parser, Subcommand};
 use config::ServeConfig;
-use priority::ArchivePriority;
 use starcite_cluster::{ClusterState, Node, NodeConfig};
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
@@ -234,11 +232,18 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the archiver on a thread of its own, at a lower CPU priority (see [`priority`]), with
-/// its own single-threaded runtime: batch encoding and its database connections (their
-/// threads inherit the priority, so the embedded archive's SQLite writes and checkpoints do
-/// too) then wait for the request path instead of holding one of its workers or cores.
-/// Resolves when the archiver has stopped.
+/// How much lower than the request path the archiver's thread runs (a `nice` increment). Its
+/// work can wait; appends and tails cannot. Under a load that keeps both cores busy it still
+/// kept up with the appends (docs/benchmarks.md, fourth session). `SCHED_IDLE` instead
+/// deferred the archive out of a maximum-load run into the next one (tenth session).
+const ARCHIVER_NICE: i32 = 10;
+
+/// Runs the archiver on a thread of its own, at a lower CPU priority, with its own
+/// single-threaded runtime: batch encoding and its database connections (their threads
+/// inherit the priority, so the embedded archive's SQLite writes and checkpoints do too) then
+/// wait for the request path instead of holding one of its workers or cores. Whatever takes
+/// the node's locks it hands back to the request path's runtime (`node_runtime`). Resolves
+/// when the archiver has stopped.
 fn spawn_archiver(
     config: ServeConfig,
     node: Arc<Node>,
@@ -252,13 +257,8 @@ fn spawn_archiver(
     std::thread::Builder::new()
         .name("starcite-archive".into())
         .spawn(move || {
-            let start_idle = priority::idle_is_reversible();
-            let initial = if start_idle {
-                ArchivePriority::Idle
-            } else {
-                ArchivePriority::Background
-            };
-            if let Err(e) = priority::set_current_thread(initial) {
+            // `None` is the calling thread on Linux (nice is per thread there).
+            if let Err(e) = rustix::process::setpriority_process(None, ARCHIVER_NICE) {
                 tracing::warn!(error = %e, "cannot lower the archiver's priority; it runs at the request path's");
             }
             match tokio::runtime::Builder::new_current_thread()
@@ -266,11 +266,6 @@ fn spawn_archiver(
                 .build()
             {
                 Ok(runtime) => {
-                    if start_idle {
-                        runtime.spawn(follow_memory_pressure(node.clone()));
-                    } else {
-                        tracing::info!("no CAP_SYS_NICE: the archive runs at nice {} throughout, not on idle time only", priority::BACKGROUND_NICE);
-                    }
                     runtime.block_on(archive_loop(config, node, node_runtime, slot, stop))
                 }
                 Err(e) => tracing::error!(error = %e, "cannot start the archiver's runtime; nothing is archived"),
@@ -279,29 +274,6 @@ fn spawn_archiver(
         })
         .map_err(|e| format!("cannot start the archiver thread: {e}"))?;
     Ok(stopped_rx)
-}
-
-/// Moves the archive's threads between idle and background priority as the node's spilled
-/// events come and go (see [`priority`]). Runs on the archiver's runtime, until it stops.
-async fn follow_memory_pressure(node: Arc<Node>) {
-    let mut current = ArchivePriority::Idle;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        let wanted = ArchivePriority::for_spilled_bytes(node.spill_disk_bytes());
-        if wanted == current {
-            continue;
-        }
-        match priority::set_archive_threads(wanted) {
-            Ok(threads) => {
-                tracing::info!(priority = ?wanted, threads, "archive priority changed");
-                current = wanted;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, priority = ?wanted, "cannot change the archive's priority")
-            }
-        }
-    }
 }
 
 /// Connects the archive (retrying with backoff: the node serves appends and tails meanwhile),
