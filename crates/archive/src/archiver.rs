@@ -25,11 +25,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub struct ArchiverConfig {
     pub flush_interval: Duration,
     pub keep_hot: u64,
-    /// The runtime the node's request path runs on. The archiver's own thread may run at a
-    /// priority that waits for any other work (see the server's `priority`); everything that
-    /// takes the node's locks (collecting a batch, recording marks, proposing them) runs
-    /// here instead, so a request never waits for a lock held by a thread that is itself
-    /// waiting for the CPU.
+    /// The runtime the node's request path runs on. The archiver's own thread runs below the
+    /// request path (the server lowers it); everything that takes the node's locks
+    /// (collecting a batch, recording marks, proposing them) runs here instead, so a request
+    /// never waits for a lock held by a thread that is itself waiting for the CPU.
     pub node_runtime: tokio::runtime::Handle,
 }
 
@@ -246,14 +245,12 @@ async fn flush_batch(
         Some(node.acknowledge_archived(&marks, keep_hot).await)
     })
     .await?;
-    let Some(acknowledged) = acknowledged else {
-        return Ok(());
-    };
     match acknowledged {
-        Ok(trimmed) => metrics::counter!(TRIMMED).increment(trimmed),
+        None => {}
+        Some(Ok(trimmed)) => metrics::counter!(TRIMMED).increment(trimmed),
         // The rows are in the archive; the marks advance on the next round (re-sending is
         // harmless).
-        Err(e) => tracing::warn!(error = %e, "archive acknowledgements not logged"),
+        Some(Err(e)) => tracing::warn!(error = %e, "archive acknowledgements not logged"),
     }
     Ok(())
 }

@@ -46,7 +46,7 @@ async fn pending_events_counted_over_unarchived_sessions_match_the_full_walk() {
     append(&node, "c", 2).await;
     assert_counts(&node, 10);
 
-    // Part of a archived, all of b: c and the rest of a are pending.
+    // Events 1-2 of a and all of b archived: c and the rest of a are pending.
     let marks = [("a".to_owned(), 2), ("b".to_owned(), 3)];
     node.acknowledge_archived(&marks, 100)
         .await
