@@ -606,18 +606,8 @@ async fn a_healthy_archive_keeps_memory_in_budget_without_spilling() {
     }
 }
 
-/// How a thread is scheduled, from `/proc/<pid>/task/<tid>/stat`.
-#[derive(Debug)]
-struct ThreadPriority {
-    name: String,
-    nice: i64,
-    /// 0 `SCHED_OTHER`.
-    policy: i64,
-}
-
-const SCHED_OTHER: i64 = 0;
-
-fn thread_priorities(pid: u32) -> Vec<ThreadPriority> {
+/// `(thread name, nice)` of every thread of a running process, from `/proc`.
+fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's threads");
     tasks
         .filter_map(|task| {
@@ -626,23 +616,19 @@ fn thread_priorities(pid: u32) -> Vec<ThreadPriority> {
             let open = stat.find('(')?;
             let close = stat.rfind(')')?;
             let name = stat[open + 1..close].to_owned();
-            // After the name: state is field 3 of proc_pid_stat(5), nice 19, policy 41.
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            Some(ThreadPriority {
-                name,
-                nice: fields.get(16)?.parse().ok()?,
-                policy: fields.get(38)?.parse().ok()?,
-            })
+            // After the name: state is field 3 of stat(5), nice field 19.
+            let nice = stat[close + 1..].split_whitespace().nth(16)?.parse().ok()?;
+            Some((name, nice))
         })
         .collect()
 }
 
-/// `(nice, policy)` of the server's threads whose name starts with `prefix`.
-fn priorities_of(server: &Server, prefix: &str) -> Vec<(i64, i64)> {
+/// The `nice` of each of the server's threads whose name starts with `prefix`.
+fn nice_of(server: &Server, prefix: &str) -> Vec<i64> {
     thread_priorities(server.pid())
         .into_iter()
-        .filter(|t| t.name.starts_with(prefix))
-        .map(|t| (t.nice, t.policy))
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(_, nice)| nice)
         .collect()
 }
 
@@ -655,27 +641,27 @@ async fn the_archive_writes_below_the_request_path_and_reads_at_its_priority() {
     wait_archived(&server).await;
     let threads = thread_priorities(server.pid());
     assert_eq!(
-        priorities_of(&server, "starcite-archiv"),
-        vec![(10, SCHED_OTHER)],
+        nice_of(&server, "starcite-archiv"),
+        vec![10],
         "the archiver thread runs below the request path: {threads:?}"
     );
     assert_eq!(
-        priorities_of(&server, "sqlx-sqlite"),
-        vec![(10, SCHED_OTHER)],
+        nice_of(&server, "sqlx-sqlite"),
+        vec![10],
         "the archive's writer connection inherits the archiver's priority: {threads:?}"
     );
-    let workers = priorities_of(&server, "tokio-rt-worker");
+    let workers = nice_of(&server, "tokio-rt-worker");
     assert!(
-        !workers.is_empty() && workers.iter().all(|&p| p == (0, SCHED_OTHER)),
+        !workers.is_empty() && workers.iter().all(|&n| n == 0),
         "the request path keeps the normal priority: {threads:?}"
     );
 
     // Events 1..=40 left memory (10 kept hot): a replay from 0 reads them from the archive,
     // on a reader connection opened by the request path, at its priority.
     assert_contiguous(&ws_events(&server, "ses_niced", 0, 50).await, 1);
-    let sqlite = priorities_of(&server, "sqlx-sqlite");
+    let sqlite = nice_of(&server, "sqlx-sqlite");
     assert!(
-        sqlite.contains(&(0, SCHED_OTHER)) && sqlite.contains(&(10, SCHED_OTHER)),
+        sqlite.contains(&0) && sqlite.contains(&10),
         "a reader connection at the request path's priority beside the writer: {:?}",
         thread_priorities(server.pid())
     );
