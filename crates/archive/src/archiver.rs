@@ -127,7 +127,7 @@ pub async fn run(
                 backoff = config.flush_interval;
                 let pending = on_node(&config, {
                     let node = node.clone();
-                    async move { node.archive_pending_events() }
+                    async move { node.archive_pending_events().await }
                 })
                 .await;
                 let Ok(pending) = pending else {

@@ -3,7 +3,7 @@
 
 mod support;
 
-use starcite_cluster::{Node, NodeConfig};
+use starcite_cluster::{ArchiveBacklog, Node, NodeConfig};
 use starcite_core::{AppendRequest, CreateRequest};
 use std::sync::Arc;
 
@@ -25,8 +25,21 @@ async fn append(node: &Node, session: &str, n: usize) {
     }
 }
 
-fn assert_counts(node: &Node, expected: u64) {
-    assert_eq!(node.archive_pending_events(), expected);
+/// What the archiver does once a backlog is stored: headers and marks recorded.
+async fn record_archived(node: &Node, backlog: &ArchiveBacklog) {
+    node.headers_archived(&backlog.sessions);
+    let marks: Vec<(String, u64)> = backlog
+        .runs
+        .iter()
+        .map(|run| (run.session_id.clone(), run.last_seq()))
+        .collect();
+    node.acknowledge_archived(&marks, 100)
+        .await
+        .expect("marks recorded");
+}
+
+async fn assert_counts(node: &Node, expected: u64) {
+    assert_eq!(node.archive_pending_events().await, expected);
     assert_eq!(node.archive_lag().pending_events, expected, "the full walk");
 }
 
@@ -40,31 +53,68 @@ async fn pending_events_counted_over_unarchived_sessions_match_the_full_walk() {
             .await
             .expect("created");
     }
-    assert_counts(&node, 0);
+    assert_counts(&node, 0).await;
     append(&node, "a", 5).await;
     append(&node, "b", 3).await;
     append(&node, "c", 2).await;
-    assert_counts(&node, 10);
+    assert_counts(&node, 10).await;
 
     // Events 1-2 of a and all of b archived: c and the rest of a are pending.
     let marks = [("a".to_owned(), 2), ("b".to_owned(), 3)];
     node.acknowledge_archived(&marks, 100)
         .await
         .expect("marks recorded");
-    assert_counts(&node, 5);
+    assert_counts(&node, 5).await;
 
     // Everything archived (headers too): nothing pending, and no session left to visit.
     let backlog = node.archive_backlog(100).await;
-    node.headers_archived(&backlog.sessions);
-    let marks: Vec<(String, u64)> = backlog
-        .runs
-        .iter()
-        .map(|run| (run.session_id.clone(), run.last_seq()))
-        .collect();
-    node.acknowledge_archived(&marks, 100)
-        .await
-        .expect("marks recorded");
-    assert_counts(&node, 0);
+    record_archived(&node, &backlog).await;
+    assert_counts(&node, 0).await;
     append(&node, "b", 4).await;
-    assert_counts(&node, 4);
+    assert_counts(&node, 4).await;
+}
+
+/// Polls `work` to completion with a waker that does nothing, counting the times it gave the
+/// thread back before finishing.
+fn run_counting_yields<T>(work: impl std::future::Future<Output = T>) -> (T, usize) {
+    let mut work = std::pin::pin!(work);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut yields = 0;
+    loop {
+        match work.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(out) => return (out, yields),
+            std::task::Poll::Pending => yields += 1,
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_archive_bookkeeping_gives_the_worker_back_between_groups() {
+    // It runs on the request path's runtime (one worker per node when nodes share a host):
+    // one group at a time, so appends get in between instead of waiting for every group.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = open(dir.path()).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        let body = format!(r#"{{"id":"{id}"}}"#);
+        node.create_session(CreateRequest::parse(body.as_bytes()).expect("valid"))
+            .await
+            .expect("created");
+        append(&node, id, 2).await;
+    }
+    let groups: std::collections::BTreeSet<u32> = ids
+        .iter()
+        .map(|id| starcite_core::group_of(id, 4))
+        .collect();
+    assert!(groups.len() >= 2, "the sessions span several groups");
+
+    let (pending, yields) = run_counting_yields(node.archive_pending_events());
+    assert_eq!(pending, 24);
+    assert_eq!(yields, groups.len(), "one pause after each group with work");
+
+    let (backlog, yields) = run_counting_yields(node.archive_backlog(1_000));
+    assert_eq!(backlog.event_count(), 24);
+    assert_eq!(yields, groups.len());
+    record_archived(&node, &backlog).await;
+    assert_counts(&node, 0).await;
 }
