@@ -534,6 +534,29 @@ fn push_fragment(buf: &mut Vec<u8>, stream: u64, last: bool, data: &[u8]) {
     buf.extend_from_slice(data);
 }
 
+/// Returns once the tasks already queued on this worker have run: it wakes itself, which puts
+/// it behind them, without the I/O driver poll of `tokio::task::yield_now` (one more
+/// `epoll_wait` per write, which cost what the coalescing saved).
+#[derive(Default)]
+struct YieldToQueued {
+    yielded: bool,
+}
+
+impl std::future::Future for YieldToQueued {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.yielded {
+            return std::task::Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 async fn write_loop(
     mut write: OwnedWriteHalf,
     queued: Arc<AtomicUsize>,
@@ -565,6 +588,10 @@ async fn write_loop(
                 },
                 _ = closed.wait_for(|c| *c) => return,
             }
+            // The tasks ready on this worker (other groups' drives, other requests) often
+            // queue frames for this peer too: they go out in this write, and the peer wakes
+            // once for all of them (docs/benchmarks.md, eleventh session).
+            YieldToQueued::default().await;
         }
         while buf.len() < WRITE_BATCH {
             match urgent.try_recv() {
@@ -794,6 +821,29 @@ mod tests {
         connected(&a, mb.me()).await;
         connected(&b, ma.me()).await;
         (a, b, ma, mb)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_yielding_writer_runs_after_the_tasks_already_queued() {
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = |step: &'static str| {
+            let order = order.clone();
+            move || order.lock().expect("not poisoned").push(step)
+        };
+        let (start, end) = (record("writer starts"), record("writer writes"));
+        let writer = tokio::spawn(async move {
+            start();
+            YieldToQueued::default().await;
+            end();
+        });
+        let queued = record("queued task runs");
+        let other = tokio::spawn(async move { queued() });
+        writer.await.expect("writer ran");
+        other.await.expect("other task ran");
+        assert_eq!(
+            *order.lock().expect("not poisoned"),
+            ["writer starts", "queued task runs", "writer writes"]
+        );
     }
 
     #[tokio::test]
