@@ -117,7 +117,9 @@ pub struct ArchiveLag {
 /// The archiver's bookkeeping runs on the request path's runtime (it takes the groups'
 /// locks), which has one worker per node when nodes share a host: walking every group in one
 /// poll kept that worker from requests for 0.7 ms per batch, up to 5.8 ms on a busy machine
-/// (docs/benchmarks.md). One group at a time, requests get in between.
+/// (docs/benchmarks.md). One group at a time, requests get in between: `yield_now` also polls
+/// the I/O driver, so requests still in their sockets get in too (unlike the peer link's
+/// writer, which waits only for the tasks already queued, see `transport::YieldToQueued`).
 async fn yield_between_groups() {
     tokio::task::yield_now().await;
 }
