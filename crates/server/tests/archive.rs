@@ -623,12 +623,12 @@ fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
         .collect()
 }
 
-/// The `nice` of each of the server's threads whose name starts with `prefix`.
-fn nice_of(server: &Server, prefix: &str) -> Vec<i64> {
-    thread_priorities(server.pid())
-        .into_iter()
+/// The `nice` of each of `threads` whose name starts with `prefix`.
+fn nice_of(threads: &[(String, i64)], prefix: &str) -> Vec<i64> {
+    threads
+        .iter()
         .filter(|(name, _)| name.starts_with(prefix))
-        .map(|(_, nice)| nice)
+        .map(|(_, nice)| *nice)
         .collect()
 }
 
@@ -641,16 +641,16 @@ async fn the_archive_writes_below_the_request_path_and_reads_at_its_priority() {
     wait_archived(&server).await;
     let threads = thread_priorities(server.pid());
     assert_eq!(
-        nice_of(&server, "starcite-archiv"),
+        nice_of(&threads, "starcite-archiv"),
         vec![10],
         "the archiver thread runs below the request path: {threads:?}"
     );
     assert_eq!(
-        nice_of(&server, "sqlx-sqlite"),
+        nice_of(&threads, "sqlx-sqlite"),
         vec![10],
         "the archive's writer connection inherits the archiver's priority: {threads:?}"
     );
-    let workers = nice_of(&server, "tokio-rt-worker");
+    let workers = nice_of(&threads, "tokio-rt-worker");
     assert!(
         !workers.is_empty() && workers.iter().all(|&n| n == 0),
         "the request path keeps the normal priority: {threads:?}"
@@ -659,10 +659,10 @@ async fn the_archive_writes_below_the_request_path_and_reads_at_its_priority() {
     // Events 1..=40 left memory (10 kept hot): a replay from 0 reads them from the archive,
     // on a reader connection opened by the request path, at its priority.
     assert_contiguous(&ws_events(&server, "ses_niced", 0, 50).await, 1);
-    let sqlite = nice_of(&server, "sqlx-sqlite");
+    let threads = thread_priorities(server.pid());
+    let sqlite = nice_of(&threads, "sqlx-sqlite");
     assert!(
         sqlite.contains(&0) && sqlite.contains(&10),
-        "a reader connection at the request path's priority beside the writer: {:?}",
-        thread_priorities(server.pid())
+        "a reader connection at the request path's priority beside the writer: {threads:?}"
     );
 }
