@@ -12,6 +12,7 @@ mod node;
 pub mod node_log;
 mod peer;
 pub mod placement;
+mod reclaim;
 pub mod rpc;
 mod spill;
 pub mod state_machine;

@@ -158,6 +158,8 @@ pub struct Node {
     pub(crate) groups: Vec<Group>,
     pub(crate) transport: Option<Arc<Transport>>,
     pub(crate) spill: Arc<SpillStore>,
+    /// Frees what budget passes take out of memory, below the request path's priority.
+    pub(crate) reclaimer: crate::reclaim::Reclaimer,
     /// This replica's own archive, with `per_replica_archive` (attached once it is open).
     pub(crate) local_archive: std::sync::OnceLock<Arc<dyn crate::ArchiveReader>>,
     inflight: Semaphore,
@@ -344,6 +346,7 @@ impl Node {
             groups,
             transport,
             spill,
+            reclaimer: crate::reclaim::Reclaimer::start(),
             local_archive: Default::default(),
             counters: Counters::default(),
             recovery_records: stats.records,

@@ -601,6 +601,14 @@ async fn a_healthy_archive_keeps_memory_in_budget_without_spilling() {
     .await;
     assert_eq!(metric(&server, "starcite_spilled_events_total").await, 0.0);
     assert_eq!(metric(&server, "starcite_spill_disk_bytes").await, 0.0);
+    // What the pass that just ran took out of memory was freed below the request path
+    // (`starcite-reclaim`; thread names stop at 15 characters).
+    let threads = thread_priorities(server.pid());
+    assert_eq!(
+        nice_of(&threads, "starcite-reclai"),
+        vec![10],
+        "the thread freeing memory runs below the request path: {threads:?}"
+    );
     for id in &ids {
         assert_contiguous(&ws_events(&server, id, 0, 3000).await, 1);
     }
