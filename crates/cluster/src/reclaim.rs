@@ -23,7 +23,8 @@ const RECLAIM_NICE: i32 = 10;
 const QUEUE: usize = 1;
 
 /// Events taken out of one group, and how long to rest after freeing them: as many times as
-/// long as the freeing took (zero while memory is still over the budget).
+/// long as the freeing took (zero while memory is still over the budget), at most a second
+/// (a freeing preempted for long does not stretch the pass further).
 struct Batch {
     events: Vec<Bytes>,
     rest: u32,
@@ -53,11 +54,9 @@ impl Reclaimer {
     /// Frees `events` on the freeing thread, which then rests `rest` times as long as that
     /// took. Blocks while the thread is behind.
     pub(crate) fn free(&self, events: Vec<Bytes>, rest: u32) {
-        let Some(queue) = &self.queue else {
-            return drop(events);
-        };
-        if let Err(unsent) = queue.send(Batch { events, rest }) {
-            drop(unsent.0.events);
+        // Without the thread (it could not start or has gone), the events are freed here.
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(Batch { events, rest });
         }
     }
 }
