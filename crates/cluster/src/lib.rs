@@ -12,6 +12,7 @@ mod node;
 pub mod node_log;
 mod peer;
 pub mod placement;
+pub mod priority;
 mod reclaim;
 pub mod rpc;
 mod spill;

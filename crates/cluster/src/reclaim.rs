@@ -13,10 +13,6 @@ use bytes::Bytes;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
-/// How much lower than the request path the freeing runs (a `nice` increment), as the
-/// archiver does: its work can wait, appends cannot.
-const RECLAIM_NICE: i32 = 10;
-
 /// Batches handed over and not yet being freed. A full queue blocks the pass (a blocking
 /// thread), so memory taken out of the groups but not yet freed stays at about two groups'
 /// share.
@@ -62,10 +58,7 @@ impl Reclaimer {
 }
 
 fn free_batches(batches: Receiver<Batch>) {
-    // `None` is the calling thread on Linux (nice is per thread there).
-    if let Err(e) = rustix::process::setpriority_process(None, RECLAIM_NICE) {
-        tracing::warn!(error = %e, "cannot lower the priority of the thread that frees memory; it runs at the request path's");
-    }
+    crate::priority::lower_this_thread("the thread that frees memory");
     for batch in batches {
         let started = Instant::now();
         drop(batch.events);

@@ -70,6 +70,16 @@ pub(crate) fn read_runs(
 /// budget there is no rest: memory comes first.
 const BUDGET_PASS_REST: u32 = 3;
 
+/// How many times as long as a group took a budget pass rests after it, with `hot` bytes of
+/// events still in memory (the pass's own count: appends since it began wait for the next).
+fn budget_pass_rest(hot: u64, budget: u64) -> u32 {
+    if hot <= budget {
+        BUDGET_PASS_REST
+    } else {
+        0
+    }
+}
+
 impl Node {
     /// Events held in memory by the groups this node replicates.
     pub fn hot_bytes(&self) -> u64 {
@@ -78,16 +88,6 @@ impl Node {
             .filter(|g| g.is_member())
             .map(|g| g.shared.read(|d| d.state.hot_bytes()))
             .sum()
-    }
-
-    /// How many times as long as a group took a budget pass rests after it (see
-    /// [`BUDGET_PASS_REST`]): none while memory is still over the budget.
-    fn budget_pass_rest(&self) -> u32 {
-        if self.hot_bytes() <= self.config().hot_max_bytes {
-            BUDGET_PASS_REST
-        } else {
-            0
-        }
     }
 
     /// If memory holds more events than the budget, frees memory until it is under half the
@@ -117,7 +117,7 @@ impl Node {
             freed += n;
             total = total.saturating_sub(n);
             // Outside the group's lock, below the request path's priority.
-            self.reclaimer.free(taken, self.budget_pass_rest());
+            self.reclaimer.free(taken, budget_pass_rest(total, budget));
         }
         for (_, index) in sizes {
             if total <= budget / 2 {
@@ -127,7 +127,7 @@ impl Node {
             let n = self.spill_group(&self.groups[index as usize])?;
             freed += n;
             total = total.saturating_sub(n);
-            std::thread::sleep(started.elapsed() * self.budget_pass_rest());
+            std::thread::sleep(started.elapsed() * budget_pass_rest(total, budget));
         }
         Ok(freed)
     }
@@ -210,5 +210,17 @@ impl Node {
                 .map_err(NodeError::Unavailable)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_pass_rests_only_once_memory_is_under_the_budget() {
+        assert_eq!(budget_pass_rest(1001, 1000), 0, "over the budget: no rest");
+        assert_eq!(budget_pass_rest(1000, 1000), BUDGET_PASS_REST);
+        assert_eq!(budget_pass_rest(10, 1000), BUDGET_PASS_REST);
     }
 }

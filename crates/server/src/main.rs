@@ -232,12 +232,6 @@ async fn run(config: ServeConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// How much lower than the request path the archiver's thread runs (a `nice` increment). Its
-/// work can wait; appends and tails cannot. Under a load that keeps both cores busy it still
-/// kept up with the appends (docs/benchmarks.md, fourth session). `SCHED_IDLE` instead
-/// deferred the archive out of a maximum-load run into the next one (tenth session).
-const ARCHIVER_NICE: i32 = 10;
-
 /// Runs the archiver on a thread of its own, at a lower CPU priority, with its own
 /// single-threaded runtime: batch encoding and its database connections (their threads
 /// inherit the priority, so the embedded archive's SQLite writes and checkpoints do too) then
@@ -257,10 +251,7 @@ fn spawn_archiver(
     std::thread::Builder::new()
         .name("starcite-archive".into())
         .spawn(move || {
-            // `None` is the calling thread on Linux (nice is per thread there).
-            if let Err(e) = rustix::process::setpriority_process(None, ARCHIVER_NICE) {
-                tracing::warn!(error = %e, "cannot lower the archiver's priority; it runs at the request path's");
-            }
+            starcite_cluster::priority::lower_this_thread("the archiver");
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
