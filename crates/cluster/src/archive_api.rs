@@ -17,6 +17,7 @@ use starcite_core::{
     SessionView, SpillRun,
 };
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Reading events back from an archive: the shared one (by the API's reader) or, in a
@@ -138,6 +139,16 @@ impl Node {
         })
     }
 
+    /// The groups this node archives, starting at group `start` and wrapping around.
+    fn archived_groups_from(&self, start: usize) -> impl Iterator<Item = &crate::group::Group> {
+        let (before, after) = self.groups.split_at(start.min(self.groups.len()));
+        let archived: Vec<u32> = self.archived_groups().map(|g| g.index).collect();
+        after
+            .iter()
+            .chain(before)
+            .filter(move |g| archived.binary_search(&g.index).is_ok())
+    }
+
     /// Attaches this replica's own archive (with `per_replica_archive`): until then, reads of
     /// events it trimmed and snapshot transfers wait, as `unavailable`.
     pub fn attach_local_archive(&self, archive: Arc<dyn ArchiveReader>) {
@@ -147,11 +158,23 @@ impl Node {
     /// Collects up to `budget` committed, unarchived events of the groups this node archives
     /// (each session's run starts right after its archive mark, so acknowledging a run never
     /// leaves a hole). Spilled events are read back from local disk.
+    ///
+    /// Each collection starts after the last group the previous one visited, so the groups
+    /// take turns and each session's run is about what it appended in one turn (an archive
+    /// interval under a steady load). Starting from the first group every time archived the
+    /// low groups' sessions in runs of a few events each — every chunk row, index entry and
+    /// header update of the embedded archive costs a page write, and its checkpoint another:
+    /// chunks of 16 events on average against 87 now, the SQLite thread's CPU a third lower
+    /// (docs/benchmarks.md, thirteenth session) — and starved the high groups while the low
+    /// ones kept every batch full.
     pub async fn archive_backlog(&self, budget: usize) -> ArchiveBacklog {
         let mut backlog = ArchiveBacklog::default();
         let mut spilled: Vec<(u32, String, u64, Vec<SpillRun>, usize)> = Vec::new();
         let mut remaining = budget;
-        for group in self.archived_groups() {
+        let count = self.groups.len();
+        let start = self.archive_cursor.load(Ordering::Relaxed) as usize % count.max(1);
+        let mut resume_at = start;
+        for group in self.archived_groups_from(start) {
             if remaining == 0 {
                 break;
             }
@@ -187,10 +210,15 @@ impl Node {
                 }
                 !d.unarchived.is_empty()
             });
+            // The next collection starts after this group even if the budget ran out in it:
+            // a group that alone fills every batch would otherwise hold the start for good.
+            resume_at = (group.index as usize + 1) % count;
             if visited {
                 yield_between_groups().await;
             }
         }
+        self.archive_cursor
+            .store(resume_at as u32, Ordering::Relaxed);
         if spilled.is_empty() {
             return backlog;
         }

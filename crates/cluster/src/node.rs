@@ -162,6 +162,8 @@ pub struct Node {
     pub(crate) reclaimer: crate::reclaim::Reclaimer,
     /// This replica's own archive, with `per_replica_archive` (attached once it is open).
     pub(crate) local_archive: std::sync::OnceLock<Arc<dyn crate::ArchiveReader>>,
+    /// The group the archiver's next collection starts at.
+    pub(crate) archive_cursor: std::sync::atomic::AtomicU32,
     inflight: Semaphore,
     pub(crate) counters: Counters,
     recovery_records: u64,
@@ -348,6 +350,7 @@ impl Node {
             spill,
             reclaimer: crate::reclaim::Reclaimer::start(),
             local_archive: Default::default(),
+            archive_cursor: Default::default(),
             counters: Counters::default(),
             recovery_records: stats.records,
             recovery_millis: AtomicU64::new(0),

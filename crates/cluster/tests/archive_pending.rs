@@ -25,6 +25,19 @@ async fn append(node: &Node, session: &str, n: usize) {
     }
 }
 
+/// Sessions s0..s11 (spread over the groups), two events each.
+async fn twelve_sessions_of_two_events(node: &Node) -> Vec<String> {
+    let ids: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        let body = format!(r#"{{"id":"{id}"}}"#);
+        node.create_session(CreateRequest::parse(body.as_bytes()).expect("valid"))
+            .await
+            .expect("created");
+        append(node, id, 2).await;
+    }
+    ids
+}
+
 /// What the archiver does once a backlog is stored: headers and marks recorded.
 async fn record_archived(node: &Node, backlog: &ArchiveBacklog) {
     node.headers_archived(&backlog.sessions);
@@ -94,14 +107,7 @@ async fn the_archive_bookkeeping_gives_the_worker_back_between_groups() {
     // one group at a time, so appends get in between instead of waiting for every group.
     let dir = tempfile::tempdir().expect("temp dir");
     let node = open(dir.path()).await;
-    let ids: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
-    for id in &ids {
-        let body = format!(r#"{{"id":"{id}"}}"#);
-        node.create_session(CreateRequest::parse(body.as_bytes()).expect("valid"))
-            .await
-            .expect("created");
-        append(&node, id, 2).await;
-    }
+    let ids = twelve_sessions_of_two_events(&node).await;
     let groups: std::collections::BTreeSet<u32> = ids
         .iter()
         .map(|id| starcite_core::group_of(id, 4))
@@ -117,4 +123,41 @@ async fn the_archive_bookkeeping_gives_the_worker_back_between_groups() {
     assert_eq!(yields, groups.len());
     record_archived(&node, &backlog).await;
     assert_counts(&node, 0).await;
+}
+
+#[tokio::test]
+async fn collections_take_turns_over_the_groups() {
+    // A group busy enough to fill every batch on its own must not keep the other groups'
+    // events out of the archive.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = open(dir.path()).await;
+    let ids = twelve_sessions_of_two_events(&node).await;
+    let group = |id: &str| starcite_core::group_of(id, 4);
+    let busy = ids
+        .iter()
+        .min_by_key(|id| group(id))
+        .expect("sessions")
+        .clone();
+    assert!(
+        ids.iter().any(|id| group(id) != group(&busy)),
+        "the sessions span several groups"
+    );
+    // Three turns of the four groups, the busy session's group over a batch every time.
+    for _ in 0..12 {
+        append(&node, &busy, 20).await;
+        let backlog = node.archive_backlog(10).await;
+        assert!(backlog.event_count() <= 10);
+        record_archived(&node, &backlog).await;
+    }
+    let left = node.archive_backlog(10_000).await;
+    let starved: Vec<&str> = left
+        .runs
+        .iter()
+        .map(|run| run.session_id.as_str())
+        .filter(|id| group(id) != group(&busy))
+        .collect();
+    assert!(
+        starved.is_empty(),
+        "sessions of the other groups still wait: {starved:?}"
+    );
 }
