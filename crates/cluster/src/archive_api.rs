@@ -129,24 +129,21 @@ impl Node {
     /// The groups this node archives: those it leads, or with a per-replica archive, every
     /// group it replicates.
     fn archived_groups(&self) -> impl Iterator<Item = &crate::group::Group> {
+        self.archived_groups_from(0)
+    }
+
+    /// [`Self::archived_groups`], starting at group `start` and wrapping around. Leadership
+    /// is looked at as each group comes up.
+    fn archived_groups_from(&self, start: usize) -> impl Iterator<Item = &crate::group::Group> {
         let per_replica = self.config().per_replica_archive;
-        self.groups.iter().filter(move |g| {
+        let (before, after) = self.groups.split_at(start.min(self.groups.len()));
+        after.iter().chain(before).filter(move |g| {
             if per_replica {
                 g.is_member()
             } else {
                 self.leads(g)
             }
         })
-    }
-
-    /// The groups this node archives, starting at group `start` and wrapping around.
-    fn archived_groups_from(&self, start: usize) -> impl Iterator<Item = &crate::group::Group> {
-        let (before, after) = self.groups.split_at(start.min(self.groups.len()));
-        let archived: Vec<u32> = self.archived_groups().map(|g| g.index).collect();
-        after
-            .iter()
-            .chain(before)
-            .filter(move |g| archived.binary_search(&g.index).is_ok())
     }
 
     /// Attaches this replica's own archive (with `per_replica_archive`): until then, reads of
