@@ -6,6 +6,7 @@ mod drill;
 mod history;
 mod http;
 mod nats;
+mod pacer;
 mod redis;
 mod scenario;
 mod stats;

@@ -5,6 +5,7 @@
 //! coordinated omission).
 
 use crate::http::Conn;
+use crate::pacer::{Pacer, Schedule};
 use crate::redis::{PrivateRedis, Reply, Resp};
 use crate::stats::{histogram, RunResult};
 use bytes::Bytes;
@@ -91,40 +92,40 @@ pub trait Target: Send {
     }
 }
 
-/// Schedules requests for one worker and measures them.
+/// When a run starts measuring and ends, shared by its workers.
+#[derive(Clone, Copy)]
+struct Window {
+    measure_from: Instant,
+    end: Instant,
+}
+
+/// Schedules requests for one worker and measures them. Open loop (`pacer`): each request
+/// starts when the pacer releases it, and its latency counts from when it was due.
 async fn drive<T: Target>(
     load: &Load,
     worker: usize,
+    window: Window,
+    pacer: Option<&Pacer>,
     progress: &Progress,
     target: &mut T,
 ) -> WorkerResult {
     let mut hist = histogram();
     let mut errors = 0;
     let mut acked = Vec::new();
-    let start = Instant::now();
-    let measure_from = start + load.warmup;
-    let end = measure_from + load.duration;
-    let interval = load
-        .rate
-        .map(|r| Duration::from_secs_f64(load.connections as f64 / r.max(1e-9)));
-    // Open loop: the workers' schedules are offset from one another so that the total rate
-    // arrives evenly spread, not as one burst of `connections` requests every interval.
-    let mut next_send = match interval {
-        Some(step) => start + step.mul_f64(worker as f64 / load.connections.max(1) as f64),
-        None => start,
-    };
+    let Window { measure_from, end } = window;
     let mut i = 0usize;
     loop {
-        if interval.is_some() {
-            let now = Instant::now();
-            if next_send > now {
-                tokio::time::sleep(next_send - now).await;
+        let intended = match pacer {
+            Some(pacer) => {
+                let schedule = pacer.schedule();
+                let due = schedule.due(schedule.send_number(worker, i as u64));
+                if due >= end {
+                    break;
+                }
+                pacer.released(worker, i as u64).await;
+                due
             }
-        }
-        let intended = if interval.is_some() {
-            next_send
-        } else {
-            Instant::now()
+            None => Instant::now(),
         };
         if intended >= end {
             break;
@@ -150,9 +151,6 @@ async fn drive<T: Target>(
                     progress.errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        }
-        if let Some(step) = interval {
-            next_send += step;
         }
     }
     WorkerResult {
@@ -183,7 +181,7 @@ fn merge(
     system: &str,
     scenario: &str,
     load: &Load,
-    results: Vec<WorkerResult>,
+    (results, pacer_late): (Vec<WorkerResult>, Option<Histogram<u64>>),
     notes: &str,
 ) -> RunResult {
     let mut hist = histogram();
@@ -194,7 +192,7 @@ fn merge(
     }
     let violations =
         ordering_violations(&results) + results.iter().map(|r| r.violations).sum::<u64>();
-    RunResult::from_histogram(
+    let mut result = RunResult::from_histogram(
         system,
         scenario,
         load.connections,
@@ -205,7 +203,9 @@ fn merge(
         errors,
         violations,
         notes,
-    )
+    );
+    result.pacer_late_p99_ms = pacer_late.map(|h| h.value_at_quantile(0.99) as f64 / 1000.0);
+    result
 }
 
 fn session_id(run: &str, i: usize) -> String {
@@ -487,19 +487,33 @@ pub async fn nats_append(load: &Load) -> Result<RunResult, String> {
     Ok(merge("nats-jetstream", "append", load, results, &note))
 }
 
-/// Runs `load` with one target per connection.
+/// Runs `load` with one target per connection. Open loop: also how late the pacer released
+/// sends (µs), which the measured latencies include.
 async fn run_load<T: Target + 'static>(
     load: &Load,
     targets: Vec<T>,
-) -> Result<Vec<WorkerResult>, String> {
+) -> Result<(Vec<WorkerResult>, Option<Histogram<u64>>), String> {
     let progress = Arc::new(Progress::default());
     let printer = spawn_progress(progress.clone(), load.quiet);
+    let start = Instant::now();
+    let window = Window {
+        measure_from: start + load.warmup,
+        end: start + load.warmup + load.duration,
+    };
+    let pacer = match load.rate {
+        Some(rate) => Some(Arc::new(Pacer::start(
+            Schedule::new(start, rate, load.connections),
+            window.end,
+        )?)),
+        None => None,
+    };
     let mut tasks = Vec::new();
     for (w, mut target) in targets.into_iter().enumerate() {
         let load = load.clone();
         let progress = progress.clone();
+        let pacer = pacer.clone();
         tasks.push(tokio::spawn(async move {
-            drive(&load, w, &progress, &mut target).await
+            drive(&load, w, window, pacer.as_deref(), &progress, &mut target).await
         }));
     }
     let mut results = Vec::new();
@@ -507,7 +521,11 @@ async fn run_load<T: Target + 'static>(
         results.push(t.await.map_err(|e| format!("worker crashed: {e}"))?);
     }
     printer.abort();
-    Ok(results)
+    let late = match pacer.and_then(|p| Arc::try_unwrap(p).ok()) {
+        Some(pacer) => Some(pacer.finish().await?),
+        None => None,
+    };
+    Ok((results, late))
 }
 
 /// Creates the sessions, opens one connection per worker, builds each worker's target with

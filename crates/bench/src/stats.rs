@@ -27,6 +27,10 @@ pub struct RunResult {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub notes: String,
+    /// Open loop: how late the load generator released the 99th percentile send, which the
+    /// latencies above include (they count from when each send was due).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pacer_late_p99_ms: Option<f64>,
 }
 
 impl RunResult {
@@ -62,6 +66,7 @@ impl RunResult {
             p999_ms: ms(0.999),
             max_ms: hist.max() as f64 / 1000.0,
             notes: notes.into(),
+            pacer_late_p99_ms: None,
         }
     }
 }
