@@ -20,7 +20,7 @@ use starcite_core::{
     GroupState, SessionId, SessionView, SpillRun, Timestamp,
 };
 use starcite_raft::{NodeId, Raft, ReadError, Restored, Role};
-use starcite_storage::SpillStore;
+use starcite_storage::{SpillStore, WriteSpacing};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,13 +29,22 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 
-/// In a cluster, a node's log starts a write at most this often while several records share
-/// each write (a lone writer is never held back). Every fsync also sets off Raft messages —
-/// acknowledgements, commits, answers — so fewer, fuller fsyncs take CPU off every append
-/// when the cluster is busy: on the benchmark machine p99 at half the maximum load fell from
-/// 10–53 ms to 8–14 ms (docs/benchmarks.md), while one client's appends are as fast as
-/// before. A single node spends its fsyncs on nothing else, so it does not wait.
-const CLUSTER_LOG_WRITE_SPACING: Duration = Duration::from_millis(1);
+/// In a cluster, while several records share each write (a lone writer is never held back),
+/// a node's log starts a write at most every 1 ms while records arrive at up to 3,000/s, and
+/// at most every 3 ms from 6,000/s on (in between, in proportion). Every fsync also sets off
+/// Raft messages — acknowledgements, commits, answers — so fewer, fuller fsyncs take CPU off
+/// every append when the cluster is busy: 1 ms instead of none took p99 at half the maximum
+/// load from 10–53 ms to 8–14 ms, and 3 ms instead of 1 ms at 6,000–7,000 appends/s (evenly
+/// spread) took it from a median of 12 ms to 7 ms for 0.5–0.9 ms more at p50
+/// (docs/benchmarks.md). At 2,000/s that p50 cost is 1.4 ms for a tail that needs no help, so
+/// the wait grows with the load. A single node spends its fsyncs on nothing else, so it does
+/// not wait.
+const CLUSTER_LOG_WRITE_SPACING: WriteSpacing = WriteSpacing {
+    quiet: Duration::from_millis(1),
+    busy: Duration::from_millis(3),
+    quiet_rate: 3000.0,
+    busy_rate: 6000.0,
+};
 
 /// How a node that starts with an empty data directory joins its cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,7 +226,7 @@ impl Node {
                 let write_spacing = if config.is_cluster() {
                     CLUSTER_LOG_WRITE_SPACING
                 } else {
-                    Duration::ZERO
+                    WriteSpacing::NONE
                 };
                 let (log, recovered, stats) = NodeLog::open(
                     &config.data_dir.join("log"),

@@ -16,12 +16,11 @@ use crate::NodeError;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use starcite_raft::HardState;
-use starcite_storage::{StorageError, Wal, WalOptions};
+use starcite_storage::{StorageError, Wal, WalOptions, WriteSpacing};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Deserialize)]
 enum Record {
@@ -160,7 +159,7 @@ impl NodeLog {
         dir: &Path,
         groups: u32,
         segment_bytes: u64,
-        write_spacing: Duration,
+        write_spacing: WriteSpacing,
     ) -> Result<(Arc<NodeLog>, Vec<RecoveredGroup>, RecoveryStats), NodeError> {
         let table: Arc<Vec<Mutex<GroupLog>>> =
             Arc::new((0..groups).map(|_| Mutex::default()).collect());
@@ -498,7 +497,7 @@ mod tests {
             rejoining: false,
         };
         {
-            let (log, _, _) = NodeLog::open(dir.path(), 2, 1 << 20, Duration::ZERO).unwrap();
+            let (log, _, _) = NodeLog::open(dir.path(), 2, 1 << 20, WriteSpacing::NONE).unwrap();
             write_sync(&log, 0, Some(hs), &[entry(1, 1), entry(1, 2), entry(1, 3)]);
             write_sync(&log, 1, None, &[entry(2, 1)]);
             // Group 0's entries 2.. are replaced by a new leader's.
@@ -508,7 +507,7 @@ mod tests {
             log.write_snapshot_point(1, 1, 2, move |r| drop(tx.send(r)));
             rx.recv().unwrap().unwrap();
         }
-        let (_, groups, stats) = NodeLog::open(dir.path(), 2, 1 << 20, Duration::ZERO).unwrap();
+        let (_, groups, stats) = NodeLog::open(dir.path(), 2, 1 << 20, WriteSpacing::NONE).unwrap();
         assert_eq!(stats.entries, 5);
         let g0 = &groups[0];
         assert_eq!(g0.marks.hard_state, Some(hs));
@@ -533,7 +532,7 @@ mod tests {
             rejoining: true,
         };
         {
-            let (log, _, _) = NodeLog::open(dir.path(), 2, 256, Duration::ZERO).unwrap();
+            let (log, _, _) = NodeLog::open(dir.path(), 2, 256, WriteSpacing::NONE).unwrap();
             write_sync(&log, 1, Some(hs), &[]);
             for i in 1..=40 {
                 write_sync(&log, 0, None, &[entry(5, i)]);
@@ -546,7 +545,7 @@ mod tests {
             rx.recv().unwrap().unwrap();
             assert!(log.collect_garbage().unwrap() > 0);
         }
-        let (_, groups, _) = NodeLog::open(dir.path(), 2, 256, Duration::ZERO).unwrap();
+        let (_, groups, _) = NodeLog::open(dir.path(), 2, 256, WriteSpacing::NONE).unwrap();
         assert_eq!(groups[0].marks.snapshot, (38, 5));
         assert_eq!(
             groups[0]

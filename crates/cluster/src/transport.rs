@@ -1015,7 +1015,7 @@ mod tests {
                     segment_header: None,
                     // Long, so the test does not race the writer.
                     hold_wait: Duration::from_secs(1),
-                    write_spacing: Duration::ZERO,
+                    write_spacing: starcite_storage::WriteSpacing::NONE,
                 },
                 |_, _| {},
             )

@@ -9,11 +9,13 @@
 mod file;
 mod frame;
 mod prealloc;
+mod spacing;
 mod spill;
 mod wal;
 
 pub use file::{read_framed_file, write_framed_file};
 pub use frame::{decode_frames, encode_frame, FrameError, FRAME_HEADER_LEN};
+pub use spacing::WriteSpacing;
 pub use spill::{SpillGuard, SpillStore};
 pub use wal::{Durable, SegmentHeader, Wal, WalHold, WalHolder, WalOptions, WalStats, HOLD_WAIT};
 

@@ -2,6 +2,7 @@
 
 use crate::frame::{decode_frames, encode_frame, FrameError};
 use crate::prealloc::Preallocator;
+use crate::spacing::{RecordRate, WriteSpacing};
 use crate::{sync_dir, StorageError};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -41,9 +42,9 @@ pub struct WalOptions {
     /// Longest wait for a holder before a write ([`HOLD_WAIT`] unless a test needs longer).
     pub hold_wait: std::time::Duration,
     /// After a write that carried several records (several writers are active), the next
-    /// write starts no sooner than this after it, so that more records share each fsync. A
-    /// write of a single record (a lone writer) never delays the next. Zero: never wait.
-    pub write_spacing: std::time::Duration,
+    /// write starts no sooner than this policy's wait after it, so that more records share
+    /// each fsync. A write of a single record (a lone writer) never delays the next.
+    pub write_spacing: WriteSpacing,
 }
 
 #[derive(Debug, Default)]
@@ -212,6 +213,7 @@ impl Wal {
             holds: holds.clone(),
             hold_wait: opts.hold_wait,
             write_spacing: opts.write_spacing,
+            rate: RecordRate::default(),
         };
         let handle = std::thread::Builder::new()
             .name("starcite-wal".into())
@@ -352,7 +354,8 @@ struct Writer {
     stats: Arc<WalStats>,
     holds: WalHolder,
     hold_wait: std::time::Duration,
-    write_spacing: std::time::Duration,
+    write_spacing: WriteSpacing,
+    rate: RecordRate,
 }
 
 impl Writer {
@@ -362,7 +365,7 @@ impl Writer {
         while let Ok(first) = rx.recv() {
             self.handle(first);
             if let Some((started, true)) = last_write {
-                let due = started + self.write_spacing;
+                let due = started + self.write_spacing.wait_at(self.rate.per_second());
                 let now = std::time::Instant::now();
                 if due > now {
                     std::thread::sleep(due - now);
@@ -378,7 +381,9 @@ impl Writer {
                 }
             }
             if !self.pending.is_empty() {
-                last_write = Some((std::time::Instant::now(), self.pending.len() > 1));
+                let now = std::time::Instant::now();
+                self.rate.note_write(self.pending.len(), now);
+                last_write = Some((now, self.pending.len() > 1));
             }
             self.flush();
         }
@@ -560,7 +565,7 @@ mod tests {
             segment_header: None,
             // Long, so tests tell waiting from not waiting without racing the writer.
             hold_wait: TEST_HOLD_WAIT,
-            write_spacing: std::time::Duration::ZERO,
+            write_spacing: WriteSpacing::NONE,
         }
     }
 
@@ -699,25 +704,8 @@ mod tests {
         assert_eq!(wal.stats().records_written.load(Ordering::Relaxed), 2);
     }
 
-    #[test]
-    fn with_write_spacing_busy_writers_share_fsyncs_and_a_lone_writer_never_waits() {
-        let dir = tempfile::tempdir().unwrap();
-        let spacing = std::time::Duration::from_millis(40);
-        let o = WalOptions {
-            write_spacing: spacing,
-            ..opts(dir.path())
-        };
-        let wal = Arc::new(Wal::open(o, |_, _| {}).unwrap());
-        // A lone writer: every write carries one record, so none waits for the spacing.
-        let started = std::time::Instant::now();
-        for i in 0..10 {
-            append_sync(&wal, format!("lone-{i}").as_bytes()).unwrap();
-        }
-        let lone = started.elapsed();
-        assert!(lone < spacing * 5, "a lone writer waited: {lone:?}");
-        // Eight busy writers: after a write of several records the next starts a spacing
-        // later, so the fsyncs are at most about one per spacing (and one-record writes,
-        // which do not wait, at most as many again).
+    /// Eight writers append 20 records each; returns the fsyncs and the time they took.
+    fn eight_busy_writers(wal: &Arc<Wal>) -> (u64, std::time::Duration) {
         let before = wal.stats().fsyncs.load(Ordering::Relaxed);
         let started = std::time::Instant::now();
         let writers: Vec<_> = (0..8)
@@ -733,14 +721,63 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
-        let elapsed = started.elapsed();
-        let fsyncs = wal.stats().fsyncs.load(Ordering::Relaxed) - before;
+        (
+            wal.stats().fsyncs.load(Ordering::Relaxed) - before,
+            started.elapsed(),
+        )
+    }
+
+    /// After a write of several records the next starts a spacing later, so the fsyncs are at
+    /// most about one per spacing (and one-record writes, which do not wait, at most as many
+    /// again).
+    fn assert_spaced(fsyncs: u64, elapsed: std::time::Duration, spacing: std::time::Duration) {
         let spaced = (elapsed.as_millis() / spacing.as_millis()) as u64 + 1;
         assert!(
             fsyncs <= 2 * spaced,
             "{fsyncs} fsyncs for 160 records in {elapsed:?}: the writes were not spaced"
         );
+    }
+
+    #[test]
+    fn with_write_spacing_busy_writers_share_fsyncs_and_a_lone_writer_never_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let spacing = std::time::Duration::from_millis(40);
+        let o = WalOptions {
+            write_spacing: WriteSpacing::fixed(spacing),
+            ..opts(dir.path())
+        };
+        let wal = Arc::new(Wal::open(o, |_, _| {}).unwrap());
+        // A lone writer: every write carries one record, so none waits for the spacing.
+        let started = std::time::Instant::now();
+        for i in 0..10 {
+            append_sync(&wal, format!("lone-{i}").as_bytes()).unwrap();
+        }
+        let lone = started.elapsed();
+        assert!(lone < spacing * 5, "a lone writer waited: {lone:?}");
+        let (fsyncs, elapsed) = eight_busy_writers(&wal);
+        assert_spaced(fsyncs, elapsed, spacing);
         assert_eq!(wal.stats().records_written.load(Ordering::Relaxed), 170);
+    }
+
+    #[test]
+    fn an_adaptive_spacing_waits_by_the_measured_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let busy = std::time::Duration::from_millis(40);
+        // No wait while the log is quiet; from 1 record/s on, which any busy writer exceeds,
+        // the full one. Were the rate not measured, no write would wait.
+        let o = WalOptions {
+            write_spacing: WriteSpacing {
+                quiet: std::time::Duration::ZERO,
+                busy,
+                quiet_rate: 0.5,
+                busy_rate: 1.0,
+            },
+            ..opts(dir.path())
+        };
+        let wal = Arc::new(Wal::open(o, |_, _| {}).unwrap());
+        let (fsyncs, elapsed) = eight_busy_writers(&wal);
+        assert_spaced(fsyncs, elapsed, busy);
+        assert_eq!(wal.stats().records_written.load(Ordering::Relaxed), 160);
     }
 
     #[test]
