@@ -69,7 +69,7 @@ pub struct ServeConfig {
     pub database_url: Option<String>,
 
     /// Archive cadence in milliseconds: what is pending is copied over about this long, in
-    /// 5,000-event batches (less than a batch pending: once per interval).
+    /// 1,000-event batches (less than a batch pending: once per interval).
     #[arg(long, env = "STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub archive_flush_interval_ms: u64,

@@ -9,6 +9,7 @@ mod pg;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use starcite_archive::BATCH_EVENTS;
 use std::time::Duration;
 use support::{all_events, create, metric, ws_events, Server};
 use tokio_tungstenite::tungstenite::Message;
@@ -278,19 +279,20 @@ async fn append_concurrently(server: &Server, ids: &[String], from: u64, to: u64
 /// wait for them: it ends the round at its next pause, and one last batch is copied.
 #[tokio::test]
 async fn a_stop_during_a_spread_round_does_not_wait_for_its_pauses() {
-    // An 8 s interval spreads a round's batches over 4.8 s.
+    // An 8 s interval: the first batch comes after 8 s, and the rest of what is pending is
+    // spread over the next 8 s.
     let mut server = Server::start(&[("STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", "8000")]).await;
     let client = reqwest::Client::new();
     let ids: Vec<String> = (0..20).map(|i| format!("ses_stop{i}")).collect();
     for id in &ids {
         create(&client, &server, id).await;
     }
-    // 16,000 events: four batches, so after its first the round pauses for about 1.5 s.
-    append_concurrently(&server, &ids, 1, 800, 20).await;
+    // 3,000 events: three batches, so after its first the round pauses for about 4 s.
+    append_concurrently(&server, &ids, 1, 150, 20).await;
     wait_metric(
         &server,
         "starcite_archive_attempted_total",
-        |v| v >= 5_000.0,
+        |v| v >= BATCH_EVENTS as f64,
         Duration::from_secs(30),
     )
     .await;
@@ -354,7 +356,7 @@ async fn a_long_outage_spills_to_local_disk_and_loses_nothing() {
     wait_hot_within_budget(&server).await;
     assert!(metric(&server, "starcite_spilled_events_total").await >= 5000.0);
     assert!(metric(&server, "starcite_spill_disk_bytes").await >= 5_000_000.0);
-    // More than one archive batch (5,000 events) waits for the archive.
+    // More than one archive batch (1,000 events) waits for the archive.
     assert!(metric(&server, "starcite_archive_pending_rows").await >= 5340.0);
     // Tails past the archive read the spilled events back, in order, then memory, then live.
     for id in &ids {
