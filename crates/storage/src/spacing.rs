@@ -60,13 +60,22 @@ pub(crate) struct RecordRate {
 /// tens of milliseconds when busy, so a change of load shows within a fraction of a second.
 const NEWEST_WEIGHT: f64 = 0.1;
 
+/// A write after a longer gap weighs more, `1 - e^(-gap / IDLE_HORIZON)`: after a busy spell
+/// that ended in silence, the next writes are not spaced as if the spell were still going
+/// (with the weight per write alone, ten writes after a second of silence still read as
+/// about a third of the old rate). While busy, gaps are a few milliseconds and the weight per
+/// write is the larger.
+const IDLE_HORIZON: Duration = Duration::from_millis(50);
+
 impl RecordRate {
     /// Notes a write of `records` records starting at `now`.
     pub fn note_write(&mut self, records: usize, now: Instant) {
         if let Some(last) = self.last_start {
             let seconds = now.saturating_duration_since(last).as_secs_f64().max(1e-6);
             let instant = records as f64 / seconds;
-            self.per_second += NEWEST_WEIGHT * (instant - self.per_second);
+            let by_time = 1.0 - (-seconds / IDLE_HORIZON.as_secs_f64()).exp();
+            let weight = NEWEST_WEIGHT.max(by_time);
+            self.per_second += weight * (instant - self.per_second);
         }
         self.last_start = Some(now);
     }
@@ -134,5 +143,21 @@ mod tests {
             "{}",
             rate.per_second()
         );
+    }
+
+    #[test]
+    fn silence_ends_a_busy_spell() {
+        let mut rate = RecordRate::default();
+        let start = Instant::now();
+        // 10,000/s: ten records every millisecond.
+        for i in 0..=100 {
+            rate.note_write(10, start + Duration::from_millis(i));
+        }
+        assert!(rate.per_second() > 9_000.0, "{}", rate.per_second());
+        // A second of silence, then a write of two records: the load is gone, so the wait
+        // after it is the quiet one.
+        rate.note_write(2, start + Duration::from_millis(1_100));
+        assert!(rate.per_second() < 100.0, "{}", rate.per_second());
+        assert_eq!(ADAPTIVE.wait_at(rate.per_second()), ADAPTIVE.quiet);
     }
 }
