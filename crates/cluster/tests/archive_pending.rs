@@ -102,9 +102,11 @@ fn run_counting_yields<T>(work: impl std::future::Future<Output = T>) -> (T, usi
 }
 
 #[tokio::test]
-async fn the_archive_bookkeeping_gives_the_worker_back_between_groups() {
-    // It runs on the request path's runtime (one worker per node when nodes share a host):
-    // one group at a time, so appends get in between instead of waiting for every group.
+async fn the_archive_bookkeeping_pauses_between_groups_at_most() {
+    // It runs on the request path's runtime (one worker per node when nodes share a host) and
+    // lets requests in between groups once a walk has held the worker for a slice (the rule
+    // is unit-tested in `archive_api`). A pause costs an `epoll_wait`, so a walk never pauses
+    // more than once per group with work, and the walk's figures are whole across pauses.
     let dir = tempfile::tempdir().expect("temp dir");
     let node = open(dir.path()).await;
     let ids = twelve_sessions_of_two_events(&node).await;
@@ -116,11 +118,19 @@ async fn the_archive_bookkeeping_gives_the_worker_back_between_groups() {
 
     let (pending, yields) = run_counting_yields(node.archive_pending_events());
     assert_eq!(pending, 24);
-    assert_eq!(yields, groups.len(), "one pause after each group with work");
+    assert!(
+        yields <= groups.len(),
+        "{yields} pauses over {} groups",
+        groups.len()
+    );
 
     let (backlog, yields) = run_counting_yields(node.archive_backlog(1_000));
     assert_eq!(backlog.event_count(), 24);
-    assert_eq!(yields, groups.len());
+    assert!(
+        yields <= groups.len(),
+        "{yields} pauses over {} groups",
+        groups.len()
+    );
     record_archived(&node, &backlog).await;
     assert_counts(&node, 0).await;
 }
