@@ -11,6 +11,7 @@ use crate::validate::{AppendRequest, CreateRequest};
 use crate::SessionId;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use starcite_deque::ChunkedDeque;
 use std::collections::{HashMap, VecDeque};
 
 /// Default number of most recent events whose idempotency keys are remembered per session.
@@ -28,7 +29,7 @@ pub struct Session {
     pub archived_seq: u64,
     /// Seq of `events[0]`; events below it are no longer held in memory.
     first_seq: u64,
-    events: VecDeque<Bytes>,
+    events: ChunkedDeque<Bytes>,
     /// Unarchived events moved to local disk to bound memory: contiguous runs, oldest first,
     /// the last one ending at `first_seq - 1`. Runs wholly archived are dropped.
     spilled: VecDeque<SpillRun>,
@@ -59,7 +60,7 @@ impl Session {
             last_seq: 0,
             archived_seq: 0,
             first_seq: 1,
-            events: VecDeque::new(),
+            events: ChunkedDeque::new(),
             spilled: VecDeque::new(),
             keys: HashMap::new(),
             key_order: VecDeque::new(),
@@ -95,7 +96,7 @@ impl Session {
             last_seq: self.last_seq,
             archived_seq: self.archived_seq,
             first_seq: self.first_seq + skip as u64,
-            events: self.events.iter().skip(skip).cloned().collect(),
+            events: self.events.iter_from(skip).cloned().collect(),
             spilled: self.spilled.clone(),
             keys: self.keys.clone(),
             key_order: self.key_order.clone(),
@@ -111,7 +112,7 @@ impl Session {
         }
         let from = (start - self.first_seq) as usize;
         let count = ((upto - start + 1) as usize).min(limit);
-        self.events.range(from..from + count).cloned().collect()
+        self.events.iter_from(from).take(count).cloned().collect()
     }
 
     /// The lowest seq still held in memory.
@@ -168,7 +169,7 @@ impl Session {
     fn release_memory_before(&mut self, seq: u64, mut keep: Option<&mut Vec<Bytes>>) -> (u64, u64) {
         let n = (seq.saturating_sub(self.first_seq) as usize).min(self.events.len());
         let mut bytes = 0;
-        for event in self.events.drain(..n) {
+        for event in self.events.drain_front(n) {
             bytes += event_cost(&event);
             if let Some(kept) = keep.as_deref_mut() {
                 kept.push(event);
@@ -441,7 +442,7 @@ impl GroupState {
         if count == 0 || session.first_seq != from || session.events.len() < count || !follows {
             return false;
         }
-        for e in session.events.drain(..count) {
+        for e in session.events.drain_front(count) {
             self.hot_bytes -= event_cost(&e);
         }
         session.first_seq = from + count as u64;

@@ -1,7 +1,7 @@
 //! The in-memory log of one group: entries after the last snapshot point, contiguous.
 
 use crate::Entry;
-use std::collections::VecDeque;
+use starcite_deque::ChunkedDeque;
 
 #[derive(Debug, Clone)]
 pub struct Log<P> {
@@ -9,7 +9,7 @@ pub struct Log<P> {
     snap_index: u64,
     snap_term: u64,
     /// `entries[i].index == snap_index + 1 + i`.
-    entries: VecDeque<Entry<P>>,
+    entries: ChunkedDeque<Entry<P>>,
 }
 
 impl<P: Clone> Log<P> {
@@ -17,7 +17,7 @@ impl<P: Clone> Log<P> {
         let mut log = Log {
             snap_index,
             snap_term,
-            entries: VecDeque::with_capacity(entries.len()),
+            entries: ChunkedDeque::new(),
         };
         for e in entries {
             if e.index == log.last_index() + 1 {
@@ -76,8 +76,7 @@ impl<P: Clone> Log<P> {
         }
         let mut bytes = 0usize;
         self.entries
-            .iter()
-            .skip((from - self.snap_index - 1) as usize)
+            .iter_from((from - self.snap_index - 1) as usize)
             .take(max_count.max(1))
             .enumerate()
             .take_while(|(i, e)| {
@@ -96,7 +95,8 @@ impl<P: Clone> Log<P> {
             return Vec::new();
         }
         self.entries
-            .range((from - self.snap_index - 1) as usize..=(to - self.snap_index - 1) as usize)
+            .iter_from((from - self.snap_index - 1) as usize)
+            .take((to - from + 1) as usize)
             .cloned()
             .collect()
     }
@@ -119,7 +119,7 @@ impl<P: Clone> Log<P> {
         }
         let term = self.term_at(index).unwrap_or(self.snap_term);
         let drop = (index - self.snap_index) as usize;
-        self.entries.drain(..drop);
+        self.entries.drain_front(drop);
         self.snap_index = index;
         self.snap_term = term;
     }
