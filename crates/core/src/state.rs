@@ -35,7 +35,7 @@ pub struct Session {
     spilled: VecDeque<SpillRun>,
     /// idempotency key → (seq, fingerprint), for keys of the most recent `window` events.
     keys: HashMap<String, (u64, u128)>,
-    key_order: VecDeque<(u64, String)>,
+    key_order: ChunkedDeque<(u64, String)>,
 }
 
 /// The header of a session as the API returns it.
@@ -63,7 +63,7 @@ impl Session {
             events: ChunkedDeque::new(),
             spilled: VecDeque::new(),
             keys: HashMap::new(),
-            key_order: VecDeque::new(),
+            key_order: ChunkedDeque::new(),
         }
     }
 
@@ -181,6 +181,23 @@ impl Session {
 
     /// The answer for an append carrying `key` if the key is remembered: a dedupe when the
     /// event is the same, a conflict when it is not.
+    /// Records an idempotency key. A full key map doubles and rehashes everything in it, and
+    /// under an even load of keyed appends every session's map fills at the same pace: all
+    /// of them would rehash in the same few milliseconds, on every replica (as the event
+    /// queues did, see `starcite-deque`). So a map grows a little early, by a share of its
+    /// capacity that differs from session to session, as long as the window needs more room.
+    fn remember_key(&mut self, key: &str, seq: u64, fingerprint: u128, window: u64) {
+        let capacity = self.keys.capacity();
+        if self.keys.len() >= capacity / 2 && (capacity as u64) < window {
+            let early = capacity / 2 * key_map_stagger(&self.id) / KEY_MAP_STAGGER_STEPS;
+            if self.keys.len() >= capacity - early {
+                self.keys.reserve(capacity + 1 - self.keys.len());
+            }
+        }
+        self.keys.insert(key.to_owned(), (seq, fingerprint));
+        self.key_order.push_back((seq, key.to_owned()));
+    }
+
     fn check_key(&self, key: Option<&str>, fingerprint: u128) -> Option<Applied> {
         let key = key?;
         let &(seq, known) = self.keys.get(key)?;
@@ -196,6 +213,15 @@ impl Session {
             }
         })
     }
+}
+
+/// How finely [`key_map_stagger`] spreads sessions.
+const KEY_MAP_STAGGER_STEPS: usize = 64;
+
+/// A session's share (out of [`KEY_MAP_STAGGER_STEPS`]) of half its key map's capacity by
+/// which the map grows early: fixed per session, spread evenly over sessions.
+fn key_map_stagger(session_id: &str) -> usize {
+    (xxhash_rust::xxh3::xxh3_64(session_id.as_bytes()) % KEY_MAP_STAGGER_STEPS as u64) as usize
 }
 
 /// What applying a command did; for a client command, its answer.
@@ -575,8 +601,7 @@ impl GroupState {
                 }
                 let seq = session.last_seq + 1;
                 if let Some(key) = &a.idempotency_key {
-                    session.keys.insert(key.clone(), (seq, a.fingerprint));
-                    session.key_order.push_back((seq, key.clone()));
+                    session.remember_key(key, seq, a.fingerprint, window);
                 }
                 session.last_seq = seq;
                 session.updated_at = session.updated_at.max(a.inserted_at);
@@ -720,6 +745,46 @@ mod tests {
             Applied::SessionNotFound
         );
         assert_eq!(s.session("a").unwrap().last_seq, 2);
+    }
+
+    #[test]
+    fn key_maps_filled_in_step_grow_at_different_lengths() {
+        let mut ids: Vec<String> = (0..64).map(|i| format!("s{i}")).collect();
+        ids.sort_by_key(|id| key_map_stagger(id));
+        // The larger the stagger, the earlier a map grows.
+        let (later, sooner) = (ids[0].clone(), ids[63].clone());
+        assert!(key_map_stagger(&later) + 32 < key_map_stagger(&sooner));
+        let mut s = GroupState::new(100_000);
+        create(&mut s, &later);
+        create(&mut s, &sooner);
+        let mut grew_at: HashMap<String, Vec<usize>> = HashMap::new();
+        for n in 0..3000 {
+            for id in [&later, &sooner] {
+                let before = s.session(id).unwrap().keys.capacity();
+                let key = format!("k{n}");
+                append(&mut s, id, &request("{}", Some(&key), None));
+                let session = s.session(id).unwrap();
+                if session.keys.capacity() != before {
+                    grew_at
+                        .entry(id.clone())
+                        .or_default()
+                        .push(session.keys.len());
+                }
+            }
+        }
+        let (sooner_growth, later_growth) = (&grew_at[&sooner], &grew_at[&later]);
+        assert!(later_growth.len() >= 8, "{later_growth:?}");
+        // Past the first few tiny maps, the same growth comes at a smaller length.
+        for (a, b) in sooner_growth
+            .iter()
+            .zip(later_growth)
+            .filter(|(_, b)| **b > 64)
+        {
+            assert!(a < b, "{sooner_growth:?} vs {later_growth:?}");
+        }
+        for id in [&later, &sooner] {
+            assert_eq!(s.session(id).unwrap().keys.len(), 3000, "every key is kept");
+        }
     }
 
     #[test]
