@@ -179,8 +179,6 @@ impl Session {
         (n as u64, bytes)
     }
 
-    /// The answer for an append carrying `key` if the key is remembered: a dedupe when the
-    /// event is the same, a conflict when it is not.
     /// Records an idempotency key. A full key map doubles and rehashes everything in it, and
     /// under an even load of keyed appends every session's map fills at the same pace: all
     /// of them would rehash in the same few milliseconds, on every replica (as the event
@@ -198,6 +196,8 @@ impl Session {
         self.key_order.push_back((seq, key.to_owned()));
     }
 
+    /// The answer for an append carrying `key` if the key is remembered: a dedupe when the
+    /// event is the same, a conflict when it is not.
     fn check_key(&self, key: Option<&str>, fingerprint: u128) -> Option<Applied> {
         let key = key?;
         let &(seq, known) = self.keys.get(key)?;
