@@ -219,9 +219,10 @@ impl Session {
 const KEY_MAP_STAGGER_STEPS: usize = 64;
 
 /// A session's share (out of [`KEY_MAP_STAGGER_STEPS`]) of half its key map's capacity by
-/// which the map grows early: fixed per session, spread evenly over sessions.
+/// which the map grows early: fixed per session and spread evenly over sessions, as placement
+/// is (it is the session's group among that many).
 fn key_map_stagger(session_id: &str) -> usize {
-    (xxhash_rust::xxh3::xxh3_64(session_id.as_bytes()) % KEY_MAP_STAGGER_STEPS as u64) as usize
+    crate::hash::group_of(session_id, KEY_MAP_STAGGER_STEPS as u32) as usize
 }
 
 /// What applying a command did; for a client command, its answer.
