@@ -19,59 +19,23 @@ duration="${DURATION:-15}"
 mkdir -p "$out"
 work=$(mktemp -d)
 pids=()
-stop_all() {
-  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  pids=()
-}
+source scripts/bench-lib.sh
 trap 'stop_all; rm -rf "$work"' EXIT
-
-wait_ready() {
-  for url in "$@"; do
-    for _ in $(seq 1 300); do
-      curl -fsS "$url/health/ready" >/dev/null 2>&1 && continue 2
-      sleep 0.1
-    done
-    echo "$url never became ready" >&2
-    exit 1
-  done
-}
-
-bench() { # name, then starcite-bench arguments
-  local name=$1
-  shift
-  "$bin/starcite-bench" append --connections 64 --sessions 500 --payload-bytes 200 \
-    --warmup 3 --quiet --json "$out/$name.json" "$@"
-}
-
-figure() { # json file, field
-  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0][sys.argv[2]])' "$1" "$2"
-}
 
 echo "==> single node"
 PORT=4600 STARCITE_RAFT_DATA_DIR="$work/single" "$bin/starcite" serve >"$work/single.log" 2>&1 &
 pids+=($!)
 wait_ready http://127.0.0.1:4600
-bench single --url http://127.0.0.1:4600 --duration "$duration"
+bench "$bin/starcite-bench" "$out/single.json" --url http://127.0.0.1:4600 --duration "$duration"
 stop_all
 
 echo "==> three-node cluster"
-nodes="n1@127.0.0.1:7201,n2@127.0.0.1:7202,n3@127.0.0.1:7203"
-start_node() {
-  # Worker threads: the server's default (the cores shared out among the nodes on this host)
-  # unless WORKER_THREADS is set.
-  NODE_NAME="n$1" CLUSTER_NODES="$nodes" PORT="460$1" STARCITE_RAFT_DATA_DIR="$work/n$1" \
-    env ${WORKER_THREADS:+STARCITE_WORKER_THREADS=$WORKER_THREADS} "$bin/starcite" serve >>"$work/n$1.log" 2>&1 &
-  pids+=($!)
-}
-for i in 1 2 3; do start_node "$i"; done
-urls="http://127.0.0.1:4601,http://127.0.0.1:4602,http://127.0.0.1:4603"
-wait_ready http://127.0.0.1:4601 http://127.0.0.1:4602 http://127.0.0.1:4603
-sleep 3 # leaders settle on their preferred nodes
-bench cluster-max --url "$urls" --duration "$duration"
+start_cluster "$bin/starcite" cluster
+urls="$cluster_urls"
+bench "$bin/starcite-bench" "$out/cluster-max.json" --url "$urls" --duration "$duration"
 max=$(figure "$out/cluster-max.json" ops_per_sec)
 half=$(python3 -c "print(round($max / 2))")
-bench cluster-half --url "$urls" --duration "$duration" --rate "$half"
+bench "$bin/starcite-bench" "$out/cluster-half.json" --url "$urls" --duration "$duration" --rate "$half"
 
 echo "==> failover: SIGKILL n1 under an open-loop load on n2 and n3"
 rate=$(python3 -c "print(round($max / 4))")
