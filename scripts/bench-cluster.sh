@@ -39,8 +39,7 @@ bench "$bin/starcite-bench" "$out/cluster-half.json" --url "$urls" --duration "$
 
 echo "==> failover: SIGKILL n1 under an open-loop load on n2 and n3"
 rate=$(python3 -c "print(round($max / 4))")
-"$bin/starcite-bench" append --connections 64 --sessions 500 --payload-bytes 200 --warmup 1 \
-  --duration 12 --rate "$rate" --quiet --json "$out/failover.json" \
+WARMUP=1 bench "$bin/starcite-bench" "$out/failover.json" --duration 12 --rate "$rate" \
   --url http://127.0.0.1:4602,http://127.0.0.1:4603 &
 load=$!
 sleep 5

@@ -37,11 +37,12 @@ start_cluster() { # bin, name
   sleep 3
 }
 
+# The workload of docs/benchmarks.md; WARMUP (default 3) sets the unmeasured seconds first.
 bench() { # bench binary, json file, then starcite-bench append arguments
   local bench_bin=$1 json=$2
   shift 2
   "$bench_bin" append --connections 64 --sessions 500 --payload-bytes 200 \
-    --warmup 3 --quiet --json "$json" "$@"
+    --warmup "${WARMUP:-3}" --quiet --json "$json" "$@"
 }
 
 figure() { # json file, field
